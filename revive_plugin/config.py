@@ -1,0 +1,94 @@
+"""ReviveConfig: the validated settings of the REVIVE filter, built from a dict or a YAML mapping."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
+
+BASES = ("original", "current")
+
+LayerSelector = Union[int, str]
+
+
+@dataclass(frozen=True)
+class ReviveConfig:
+    """Settings of the REVIVE filter.
+
+    tau:     share of the singular-value mass (σ, not σ²) to protect, 0 < tau ≤ 1 (paper default 0.1;
+             useful range 0.05–0.30).
+    basis:   "original" — the subspace of W₀, the weight as first seen, cached once per parameter;
+             "current"  — the subspace of the weight at each step.
+    layers:  optional subset to filter: parameter names (exact, or a module name prefix) and/or layer
+             indices; None filters every edited weight.
+    enabled: False turns the filter into a no-op without removing the block.
+    """
+
+    tau: float = 0.1
+    basis: str = "original"
+    layers: Optional[tuple[LayerSelector, ...]] = None
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        tau = self.tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0.0 < float(tau) <= 1.0):
+            raise ValueError(f"revive.tau must be a number with 0 < tau <= 1 (e.g. 0.1), got {tau!r}")
+        object.__setattr__(self, "tau", float(tau))
+        if self.basis not in BASES:
+            raise ValueError(f"revive.basis must be one of {list(BASES)}, got {self.basis!r}")
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"revive.enabled must be true or false, got {self.enabled!r}")
+        if self.layers is not None:
+            layers = self.layers
+            if isinstance(layers, (int, str)):
+                layers = (layers,)
+            if not isinstance(layers, Sequence) or isinstance(layers, (bytes, bytearray)):
+                raise ValueError(f"revive.layers must be a list of layer indices or parameter names, got {layers!r}")
+            for item in layers:
+                if isinstance(item, bool) or not isinstance(item, (int, str)):
+                    raise ValueError(
+                        f"revive.layers entries must be layer indices (int) or parameter names (str), got {item!r}"
+                    )
+            object.__setattr__(self, "layers", tuple(layers))
+
+    @classmethod
+    def from_dict(cls, data: Optional[Mapping[str, Any]]) -> "ReviveConfig":
+        """Build from a mapping such as the ``revive:`` block of an hparams YAML (None → defaults)."""
+        if data is None:
+            return cls()
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, Mapping):
+            raise ValueError(f"the revive block must be a mapping of settings, got {type(data).__name__}: {data!r}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown revive setting(s) {unknown}; allowed keys are {allowed}")
+        kwargs = dict(data)
+        if isinstance(kwargs.get("layers"), list):
+            kwargs["layers"] = tuple(kwargs["layers"])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (YAML/JSON-safe)."""
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+    def selects(self, name: str, layer: Optional[int]) -> bool:
+        """Whether the parameter ``name`` (in layer ``layer``, if known) is to be filtered."""
+        if not self.enabled:
+            return False
+        if self.layers is None:
+            return True
+        for sel in self.layers:
+            if isinstance(sel, int):
+                if layer is not None and layer == sel:
+                    return True
+            elif name == sel or name.startswith(sel.rstrip(".") + ".") or name == f"{sel}.weight":
+                return True
+        return False
+
+    def replace(self, **changes: Any) -> "ReviveConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+

@@ -1,0 +1,75 @@
+"""The REVIVE plugin: replaces each edited weight's delta by its spectrally safe version.
+
+Active for an edit step when the hparams carry a ``revive:`` block (``context.configs["revive"]``) that is
+not ``enabled: false``. Its per-model state (cached W₀ bases) is a ``ReviveFilter`` kept in
+``context.state["revive"]``.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+
+from revive_plugin.config import ReviveConfig
+from revive_plugin.filter import ReviveFilter
+from revive_plugin.hookspecs import EditContext, hookimpl
+
+NAME = "revive"
+
+
+def active_filter(context: EditContext) -> Optional[ReviveFilter]:
+    """The model's ReviveFilter for this step, or None when REVIVE is off for it."""
+    if NAME not in context.configs:
+        return None
+    config = ReviveConfig.from_dict(context.configs[NAME])
+    if not config.enabled:
+        return None
+    filt = context.state.get(NAME)
+    if filt is None or filt.config != config:
+        previous = filt
+        filt = ReviveFilter(config)
+        if previous is not None and previous.config.tau == config.tau:
+            filt._reference = previous._reference  # same τ: keep the W₀ bases
+        context.state[NAME] = filt
+    return filt
+
+
+@hookimpl
+def easyedit_edit_step_start(context: EditContext, weights: Mapping[str, torch.Tensor]) -> None:
+    # Cache W₀ before the first edit ever touches these weights.
+    filt = active_filter(context)
+    if filt is None or filt.config.basis != "original":
+        return
+    from revive_plugin.host import layer_index
+
+    for name, w in weights.items():
+        if w.ndim == 2 and filt.selects(name, layer_index(name)):
+            filt.observe(name, w)
+
+
+@hookimpl
+def easyedit_transform_delta(
+    name: str, delta: torch.Tensor, weight: torch.Tensor, context: EditContext
+) -> Optional[torch.Tensor]:
+    filt = active_filter(context)
+    if filt is None or not filt.selects(name, context.layer):
+        return None
+    return filt.filter(name, delta, weight, layer=context.layer)
+
+
+@hookimpl
+def easyedit_edit_step_end(
+    context: EditContext, deltas: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
+) -> Optional[Mapping[str, float]]:
+    filt = active_filter(context)
+    if filt is None:
+        return None
+    metrics: dict[str, float] = {}
+    for name, delta in deltas.items():
+        basis = filt.reference(name)
+        if basis is None:
+            continue
+        metrics[f"revive/{name}/k"] = basis.k
+        metrics[f"revive/{name}/delta_norm"] = float(torch.linalg.vector_norm(delta.double()))
+        metrics[f"revive/{name}/fro_norm"] = float(torch.linalg.vector_norm(weights[name].double()))
+    return metrics

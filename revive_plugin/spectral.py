@@ -1,0 +1,166 @@
+"""Spectral math of REVIVE: energy rank, protected singular subspace, safe update, drift monitors.
+
+Everything here is plain torch on tensors; no editing framework is imported.
+Weights and deltas are always oriented out×in (the adapter transposes GPT-2 ``Conv1D``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Below this many entries the SVD runs in float64: cheap, and exact enough to test projector identities.
+_FLOAT64_MAX_NUMEL = 1 << 20
+
+
+@dataclass(frozen=True)
+class ProtectedBasis:
+    """Top-k left/right singular vectors of a weight (``u``: out×k, ``v``: in×k) and the mass that chose k."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    k: int
+    tau: float
+    singular_values: torch.Tensor  # top-k σ, descending
+
+    @property
+    def num_floats(self) -> int:
+        """Floats held by this basis: k·(m+n) (+k for σ)."""
+        return self.u.numel() + self.v.numel() + self.singular_values.numel()
+
+
+def _check_tau(tau: float) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise ValueError(f"tau must be a number in (0, 1], got {tau!r}")
+    tau = float(tau)
+    if not (0.0 < tau <= 1.0):
+        raise ValueError(f"tau must be in (0, 1] (share of singular-value mass to protect), got {tau!r}")
+    return tau
+
+
+def energy_rank(singular_values: torch.Tensor, tau: float) -> int:
+    """Smallest k with Σ_{i≤k} σ_i / Σ σ_i ≥ tau (σ, not σ²).
+
+    ``singular_values`` is a 1-D tensor in descending order (as ``torch.linalg.svdvals`` returns).
+    A zero weight has nothing to protect: k = 0.
+    """
+    tau = _check_tau(tau)
+    s = torch.as_tensor(singular_values).detach().to(torch.float64).cpu()
+    if s.ndim != 1:
+        raise ValueError(f"singular_values must be 1-D, got shape {tuple(s.shape)}")
+    if s.numel() == 0:
+        return 0
+    if not torch.isfinite(s).all() or (s < 0).any():
+        raise ValueError("singular_values must be finite and non-negative")
+    if (s[1:] > s[:-1]).any():
+        raise ValueError("singular_values must be sorted in descending order (torch.linalg.svdvals order)")
+    total = s.sum()
+    if total <= 0:
+        return 0
+    share = torch.cumsum(s, 0) / total
+    # A tiny tolerance so tau=1.0 is reached despite rounding in the cumulative sum.
+    k = int(torch.searchsorted(share, torch.tensor(tau - 1e-12, dtype=torch.float64)).item()) + 1
+    return min(k, s.numel())
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    if weight.numel() <= _FLOAT64_MAX_NUMEL:
+        return torch.float64
+    return torch.float32
+
+
+def protected_basis(weight: torch.Tensor, tau: float = 0.1) -> ProtectedBasis:
+    """Top-k singular subspace of ``weight`` (out×in) with k = energy_rank(σ, tau).
+
+    Computed in float32 at least (float64 for small matrices); only Uₖ, Vₖ are kept.
+    """
+    tau = _check_tau(tau)
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be a 2-D matrix (out×in), got shape {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight has non-finite entries; cannot compute its singular subspace")
+    w = weight.detach().to(_compute_dtype(weight))
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    k = energy_rank(s, tau)
+    return ProtectedBasis(
+        u=u[:, :k].contiguous(), v=vh[:k, :].T.contiguous(), k=k, tau=tau, singular_values=s[:k].clone()
+    )
+
+
+def project_out(delta: torch.Tensor, basis: ProtectedBasis) -> torch.Tensor:
+    """(I − UₖUₖᵀ) ΔW (I − VₖVₖᵀ), applied with the factors (no out×out or in×in projector is formed)."""
+    if delta.ndim != 2 or delta.shape != (basis.u.shape[0], basis.v.shape[0]):
+        raise ValueError(
+            f"delta shape {tuple(delta.shape)} does not match the weight's out×in shape "
+            f"{(basis.u.shape[0], basis.v.shape[0])}"
+        )
+    if basis.k == 0:
+        return delta.clone()
+    u, v = basis.u, basis.v
+    d = delta.detach().to(device=u.device, dtype=torch.promote_types(u.dtype, torch.float32))
+    u, v = u.to(d.dtype), v.to(d.dtype)
+    left = d - u @ (u.T @ d)  # (I − UUᵀ)Δ
+    safe = left - (left @ v) @ v.T  # …(I − VVᵀ)
+    return safe.to(device=delta.device, dtype=delta.dtype)
+
+
+def project_out_factors(
+    left: torch.Tensor, right: torch.Tensor, basis: ProtectedBasis
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Safe update of a factored delta ΔW = left @ rightᵀ (left: out×r, right: in×r).
+
+    Returns (left', right') with left' @ right'ᵀ = (I − UₖUₖᵀ) ΔW (I − VₖVₖᵀ), at cost O((m+n)·k·r).
+    """
+    if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[1]:
+        raise ValueError(f"factors must be out×r and in×r, got {tuple(left.shape)} and {tuple(right.shape)}")
+    if left.shape[0] != basis.u.shape[0] or right.shape[0] != basis.v.shape[0]:
+        raise ValueError(
+            f"factor shapes {tuple(left.shape)}, {tuple(right.shape)} do not match the weight's out×in "
+            f"shape {(basis.u.shape[0], basis.v.shape[0])}"
+        )
+    if basis.k == 0:
+        return left.clone(), right.clone()
+    dt = torch.promote_types(basis.u.dtype, torch.float32)
+    u, v = basis.u.to(dt), basis.v.to(dt)
+    a = left.detach().to(device=u.device, dtype=dt)
+    b = right.detach().to(device=u.device, dtype=dt)
+    a = a - u @ (u.T @ a)
+    b = b - v @ (v.T @ b)
+    return a.to(device=left.device, dtype=left.dtype), b.to(device=right.device, dtype=right.dtype)
+
+
+def safe_update(delta: torch.Tensor, weight: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """REVIVE's safe update: (I − UₖUₖᵀ) ΔW (I − VₖVₖᵀ) with W = UΣVᵀ of ``weight``.
+
+    ``delta`` and ``weight`` are out×in; the result has delta's dtype and device.
+    """
+    if delta.shape != weight.shape:
+        raise ValueError(f"delta shape {tuple(delta.shape)} != weight shape {tuple(weight.shape)}")
+    if not torch.isfinite(delta).all():
+        raise ValueError("delta has non-finite entries (NaN/inf); refusing to filter it")
+    return project_out(delta, protected_basis(weight, tau))
+
+
+def top_singular_vectors(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Uₖ, σ, Vₖ) of ``weight`` for a given k: top-k singular vectors and all singular values."""
+    w = weight.detach().to(_compute_dtype(weight))
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :k], s, vh[:k, :].T
+
+
+def subspace_overlap(u0: torch.Tensor, ut: torch.Tensor) -> float:
+    """LS: ‖U₀ᵀUₜ‖²_F / k — 1 when the two k-dim subspaces coincide, ~k/m for random ones."""
+    k = u0.shape[1]
+    if k == 0:
+        return 1.0
+    m = (u0.T.to(torch.float64) @ ut.to(device=u0.device, dtype=torch.float64))
+    return float((m**2).sum() / k)
+
+
+def vector_similarity(u0: torch.Tensor, ut: torch.Tensor) -> float:
+    """SS: mean over i ≤ k of |u₀ᵢᵀuₜᵢ| for matched singular vectors (sign-invariant)."""
+    k = u0.shape[1]
+    if k == 0:
+        return 1.0
+    dots = (u0.to(torch.float64) * ut.to(device=u0.device, dtype=torch.float64)).sum(0).abs()
+    return float(dots.mean())
