@@ -1,0 +1,210 @@
+"""Batched teacher-forced log-probability scoring of (prompt, continuation) pairs under a causal LM.
+
+Every pair becomes one sequence ``prompt + continuation``; sequences are length-sorted, padded on the
+tokenizer's side with an attention mask and explicit position ids (so left padding gives the same
+numbers as no padding), and run through the model ``batch_size`` at a time under
+``torch.inference_mode()``. Only the continuation positions are turned into log-probabilities.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .tokenization import encode, pad_id, special_affixes
+
+__all__ = ["TokenScores", "join_continuation", "score_continuations", "tokenize_pair"]
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Scores of one continuation given its prompt."""
+
+    sum_logprob: float
+    mean_logprob: float            # sum_logprob / n_tokens
+    n_tokens: int
+    correct: tuple[bool, ...]      # per token: argmax of the model == the continuation token
+    target_ids: tuple[int, ...]    # the continuation's token ids
+    argmax_ids: tuple[int, ...]    # the model's top-1 token at each continuation position
+    token_logprobs: tuple[float, ...]
+
+    @property
+    def mean_nll(self) -> float:
+        """Mean per-token negative log-likelihood (ROME's ``test_batch_prediction`` quantity)."""
+        return -self.mean_logprob
+
+    @property
+    def prob(self) -> float:
+        """exp(-mean NLL): the per-token geometric-mean probability ROME/MEMIT compare."""
+        return math.exp(self.mean_logprob)
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of continuation tokens predicted top-1 under teacher forcing."""
+        return sum(self.correct) / self.n_tokens
+
+
+def join_continuation(prompt: str, continuation: str) -> str:
+    """``prompt + continuation`` with the CounterFact/zsRE space convention.
+
+    A space is put in front of the continuation unless it already starts with whitespace or the prompt
+    is empty or already ends with whitespace (which would give a double space).
+    """
+    if continuation[:1].isspace() or not prompt or prompt[-1:].isspace():
+        return prompt + continuation
+    return f"{prompt} {continuation}"
+
+
+def tokenize_pair(tok: Any, prompt: str, continuation: str) -> tuple[list[int], int]:
+    """Ids of the joined text (incl. BOS, without trailing EOS) and the index of the first continuation token.
+
+    The continuation is tokenized as part of the full text, so BPE/SentencePiece merges and the leading
+    space come out exactly as the model sees them. The boundary is the longest common prefix with the
+    prompt's own encoding; if the tokenizer merges across the boundary, the merged token counts as
+    continuation.
+    """
+    if not continuation:
+        raise ValueError(f"empty continuation for prompt {prompt!r}")
+    _, n_suffix = special_affixes(tok)
+    full = list(encode(tok, join_continuation(prompt, continuation)))
+    prompt_ids = list(encode(tok, prompt))
+    if n_suffix:  # a trailing EOS would otherwise be scored as part of the continuation
+        full, prompt_ids = full[:-n_suffix], prompt_ids[:-n_suffix]
+    start = 0
+    for a, b in zip(prompt_ids, full):
+        if a != b:
+            break
+        start += 1
+    if start >= len(full):
+        raise ValueError(f"continuation {continuation!r} produced no tokens after prompt {prompt!r}")
+    if start == 0:
+        raise ValueError(
+            f"cannot score the first token of {continuation!r}: the prompt {prompt!r} is empty and the "
+            "tokenizer adds no BOS token, so no position predicts it"
+        )
+    return full, start
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while scoring, the caller's train/eval mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _forward_params(model: torch.nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def score_continuations(
+    model: torch.nn.Module,
+    tok: Any,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    batch_size: int = 32,
+    *,
+    padding_side: str | None = None,
+) -> list[TokenScores]:
+    """Score ``continuations[i]`` after ``prompts[i]`` for every i, in batches; results keep input order.
+
+    ``padding_side`` defaults to ``tok.padding_side``; both sides give the same scores because position
+    ids are derived from the attention mask. The tokenizer itself is not modified.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    side = padding_side or getattr(tok, "padding_side", "right") or "right"
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+
+    encoded = [tokenize_pair(tok, p, c) for p, c in zip(prompts, continuations)]
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_positions:
+        for i, (ids, _) in enumerate(encoded):
+            if len(ids) > max_positions:
+                raise ValueError(f"pair {i}: {len(ids)} tokens exceed the model's {max_positions} positions")
+
+    params = _forward_params(model)
+    device = _model_device(model)
+    fill = pad_id(tok)
+    # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows up at once.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    results: list[TokenScores | None] = [None] * len(encoded)
+
+    with _eval_mode(model), torch.inference_mode():
+        for b0 in range(0, len(order), batch_size):
+            idx = order[b0:b0 + batch_size]
+            seqs = [encoded[i][0] for i in idx]
+            width = max(len(s) for s in seqs)
+            input_ids = torch.full((len(idx), width), fill, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            offsets = []
+            for r, s in enumerate(seqs):
+                off = width - len(s) if side == "left" else 0
+                input_ids[r, off:off + len(s)] = torch.tensor(s)
+                mask[r, off:off + len(s)] = 1
+                offsets.append(off)
+
+            kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+            if "position_ids" in params:
+                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+            if "use_cache" in params:
+                kwargs["use_cache"] = False
+            # Logits only from the first position that predicts a continuation token: the LM head over
+            # the whole padded batch would dominate memory (vocab x seq x batch).
+            first_needed = min(offsets[r] + encoded[i][1] - 1 for r, i in enumerate(idx))
+            if "logits_to_keep" in params:
+                kwargs["logits_to_keep"] = width - first_needed
+            out = model(**kwargs)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            # Trust the returned shape, not the request: a wrapper may ignore logits_to_keep.
+            shift = width - logits.shape[1]
+
+            rows, pos, tgt, spans = [], [], [], []
+            for r, i in enumerate(idx):
+                ids, start = encoded[i]
+                n = len(ids) - start
+                spans.append((len(tgt), n))
+                rows += [r] * n
+                pos += [offsets[r] + start - 1 + j - shift for j in range(n)]
+                tgt += ids[start:]
+            picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(pos, device=logits.device)]
+            logp = torch.log_softmax(picked.float(), dim=-1)
+            target = torch.tensor(tgt, device=logits.device)
+            tok_lp = logp.gather(1, target[:, None])[:, 0].cpu().tolist()
+            argmax = picked.argmax(-1).cpu().tolist()
+
+            for (s0, n), i in zip(spans, idx):
+                lps = tuple(tok_lp[s0:s0 + n])
+                am = tuple(argmax[s0:s0 + n])
+                tg = tuple(tgt[s0:s0 + n])
+                total = float(sum(lps))
+                results[i] = TokenScores(
+                    sum_logprob=total,
+                    mean_logprob=total / n,
+                    n_tokens=n,
+                    correct=tuple(a == t for a, t in zip(am, tg)),
+                    target_ids=tg,
+                    argmax_ids=am,
+                    token_logprobs=lps,
+                )
+    return results  # type: ignore[return-value]
