@@ -63,8 +63,8 @@ class _Integration:
         self.order: Optional[list[str]] = None
         self.restores: list[Callable[[], None]] = []
         self.hosts: "weakref.WeakKeyDictionary[torch.nn.Module, PluginHost]" = weakref.WeakKeyDictionary()
-        self.records: "weakref.WeakKeyDictionary[torch.nn.Module, list[StepRecord]]" = weakref.WeakKeyDictionary()
         self.stats_filled: dict[tuple, tuple] = {}
+        self.primed: set[str] = set()  # easyeditor modules whose context templates we sampled
 
 
 _STATE = _Integration()
@@ -181,14 +181,21 @@ def step_records(model: torch.nn.Module) -> list[StepRecord]:
     return list(host.history) if host is not None else []
 
 
-def _prime_context_templates(alg: str, model: Any, tok: Any, seed: int = 0) -> None:
+def _prime_context_templates(alg: str, model: Any, tok: Any, hparams: Any, seed: int = 0) -> None:
     """MEMIT/ROME sample their context templates once per process: sample them under a fixed seed."""
-    if alg == "MEMIT":
-        mod = compat.import_easyeditor("easyeditor.models.memit.memit_main")
-        if mod.CONTEXT_TEMPLATES_CACHE is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                mod.get_context_templates(model, tok)
+    if alg not in ("MEMIT", "ROME"):
+        return
+    module = {"MEMIT": "easyeditor.models.memit.memit_main", "ROME": "easyeditor.models.rome.rome_main"}[alg]
+    mod = compat.import_easyeditor(module)
+    if mod.CONTEXT_TEMPLATES_CACHE is not None:
+        return
+    _STATE.primed.add(module)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if alg == "MEMIT":
+            mod.get_context_templates(model, tok)
+        else:
+            mod.get_context_templates(model, tok, hparams.context_template_length_params)
 
 
 def _feed_statistics(alg: str, model: Any, tok: Any, hparams: Any) -> None:
@@ -238,7 +245,7 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                 # Edit a copy ourselves so the diff is taken on the model that is returned.
                 model = copy_module.deepcopy(model)
                 kwargs["copy"] = False
-            _prime_context_templates(alg, model, tok)
+            _prime_context_templates(alg, model, tok, hparams)
             _feed_statistics(alg, model, tok, hparams)
             host = host_for(model)
             order = (configs.get(HOST_BLOCK) or {}).get("order")
@@ -329,3 +336,7 @@ def disable_easyedit() -> None:
     _STATE.enabled = False
     _STATE.hosts = weakref.WeakKeyDictionary()
     _STATE.stats_filled.clear()
+    # Templates sampled from one model must not leak into the next session's model.
+    for module in _STATE.primed:
+        compat.import_easyeditor(module).CONTEXT_TEMPLATES_CACHE = None
+    _STATE.primed.clear()

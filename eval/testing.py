@@ -20,6 +20,8 @@ TINY_CORPUS: tuple[str, ...] = (
     "question: Paris is in France. True or False?\nanswer: True False",
     "Question: Which is a fruit?\n(A) apple\n(B) car\n(C) rock\n(D) sky\nAnswer: A B C D",
     "English is spoken in England. Microsoft developed Windows. nq question: who wrote it",
+    # label words repeated so that " Yes", " No", " True", " False", " positive", " negative" are single tokens
+    "Answer: Yes\nAnswer: No\nanswer: True\nanswer: False\nSentiment : positive\nSentiment : negative\n" * 3,
 )
 
 

@@ -69,6 +69,20 @@ def test_batched_scores_equal_unpadded_reference(model, tok, side):
     assert tok.padding_side == side
 
 
+def test_left_padding_with_absolute_position_embeddings(tok):
+    """GPT-2 adds learned absolute positions, so left padding is only right if position ids skip the pads.
+
+    (RoPE models such as LLaMA are shift-invariant and would not notice.)
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=256)).eval()
+    batched = score_continuations(gpt2, tok, PROMPTS, CONTS, batch_size=5, padding_side="left")
+    for s, p, c in zip(batched, PROMPTS, CONTS):
+        assert s.sum_logprob == pytest.approx(sum(reference(gpt2, tok, p, c)[1]), abs=1e-4)
+
+
 def test_multi_token_continuation_is_scored_in_full(model, tok):
     s = score_continuations(model, tok, ["The capital of France is"], ["Paris and Rome"])[0]
     assert tok.decode(list(s.target_ids)) == " Paris and Rome"

@@ -1,0 +1,20 @@
+# make demo — install everything and run the demo; make test — install everything and run the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test test-fast bench clean
+
+install:
+	bash scripts/install.sh
+
+demo: install
+	$(VENV)/bin/revive demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf build *.egg-info .pytest_cache

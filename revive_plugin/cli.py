@@ -1,0 +1,98 @@
+"""The ``revive`` command: plugins, prepare-model, edit-stats, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .host import describe_plugins, get_plugin_manager
+
+    plugins = describe_plugins(get_plugin_manager())
+    if args.json:
+        print(json.dumps(plugins, indent=2))
+    else:
+        for p in plugins:
+            print(f"{p['name']:<12} {p['module']:<36} {p['source']}")
+            print(f"{'':<12} hooks: {', '.join(p['hooks'])}")
+        if not plugins:
+            print("no plugins found in entry-point group easyedit.plugins")
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from .adapters.models import embedded_model_dir
+
+    print(embedded_model_dir())
+    return 0
+
+
+def cmd_edit_stats(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .adapters.models import load_model
+    from .adapters.stats import load_corpus, second_moments, stats_path
+
+    with open(args.hparams, encoding="utf-8") as fh:
+        hp = yaml.safe_load(fh)
+    for key in ("model_name", "layers", "rewrite_module_tmp"):
+        if key not in hp:
+            raise SystemExit(f"{args.hparams}: missing {key!r}; edit-stats needs model_name, layers, rewrite_module_tmp")
+    corpus = load_corpus(args.corpus or hp.get("mom2_dataset") or "me-ppl")
+    n = args.samples or int(hp.get("mom2_n_samples", 1000))
+    dtype = hp.get("mom2_dtype", "float32")
+    model, tok = load_model(args.model or hp["model_name"])
+    names = [hp["rewrite_module_tmp"].format(layer) for layer in hp["layers"]]
+    model_id = model.config._name_or_path.replace("/", "_")
+    second_moments(model, tok, names, corpus, n_samples=n, dtype=dtype, model_id=model_id)
+    for name in names:
+        print(stats_path(model_id, corpus, name, dtype, n))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .adapters.demo import run_demo
+
+    return run_demo(edits=args.edits, grad_steps=args.grad_steps, tau=args.tau, hparams=args.hparams)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="revive", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list the plugins found in the entry-point group easyedit.plugins")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF to safetensors (once)")
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("edit-stats", help="MEMIT/ROME second-moment statistics from a local corpus, cached")
+    p.add_argument("--hparams", required=True, help="EasyEdit hparams YAML (model_name, layers, rewrite_module_tmp)")
+    p.add_argument("--corpus", help="corpus file or shipped name (default: the hparams' mom2_dataset, else me-ppl)")
+    p.add_argument("--samples", type=int, help="number of texts (default: the hparams' mom2_n_samples)")
+    p.add_argument("--model", help="override model_name")
+    p.set_defaults(func=cmd_edit_stats)
+
+    p = sub.add_parser("demo", help="sequential MEMIT edits on SmolLM2-135M, with and without REVIVE")
+    p.add_argument("--edits", type=int, default=4, help="number of sequential edits (default 4)")
+    p.add_argument("--grad-steps", type=int, default=15, help="MEMIT v_num_grad_steps (default 15, CPU profile)")
+    p.add_argument("--tau", type=float, default=0.1, help="REVIVE tau (default 0.1)")
+    p.add_argument("--hparams", help="MEMIT hparams YAML (default: the shipped SmolLM2 file)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"revive: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Real easyeditor edits (MEMIT, ROME, FT) through enable_easyedit on a tiny in-process LLaMA, and the YAML switch."""
+import math
+import types
+
+import pytest
+import torch
+import yaml
+
+from revive_plugin import EditRejected, get_plugin_manager, hookimpl, protected_basis, safe_update
+from revive_plugin.adapters import easyedit
+from revive_plugin.adapters.compat import import_easyeditor
+from revive_plugin.eval.testing import tiny_llama, tiny_tokenizer
+
+COMMON = {
+    "device": 0,
+    "model_parallel": False,
+    "rewrite_module_tmp": "model.layers.{}.mlp.down_proj",
+    "layer_module_tmp": "model.layers.{}",
+    "mlp_module_tmp": "model.layers.{}.mlp",
+    "attn_module_tmp": "model.layers.{}.self_attn",
+    "ln_f_module": "model.norm",
+    "lm_head_module": "lm_head",
+}
+MEMIT = {
+    **COMMON, "alg_name": "MEMIT", "stats_dir": "unused", "layers": [0, 1], "clamp_norm_factor": 4,
+    "layer_selection": "all", "fact_token": "subject_last", "v_num_grad_steps": 4, "v_lr": 0.5,
+    "v_loss_layer": 1, "v_weight_decay": 0.001, "kl_factor": 0.0625, "mom2_adjustment": True,
+    "mom2_update_weight": 100, "mom2_dataset": "me-ppl", "mom2_n_samples": 64, "mom2_dtype": "float32",
+    "max_length": 40, "batch_size": 1,
+}
+ROME = {
+    **COMMON, "alg_name": "ROME", "stats_dir": "unused", "layers": [1], "fact_token": "subject_last",
+    "v_num_grad_steps": 4, "v_lr": 0.5, "v_loss_layer": 1, "v_weight_decay": 0.001, "clamp_norm_factor": 4,
+    "kl_factor": 0.0625, "mom2_adjustment": True, "context_template_length_params": [[5, 5]],
+    "mom2_dataset": "me-ppl", "mom2_n_samples": 64, "mom2_dtype": "float32",
+}
+FT = {
+    **COMMON, "alg_name": "FT", "layers": [1], "num_steps": 3, "lr": 0.05, "weight_decay": 0.0,
+    "kl_factor": 0.0, "norm_constraint": 5e-2, "batch_size": 1, "max_length": 40,
+}
+REQUEST = dict(prompts=["The mother tongue of Danielle Darrieux is"], target_new=["English"],
+               ground_truth=["French"], subject=["Danielle Darrieux"])
+REQUEST2 = dict(prompts=["The capital of Italy is"], target_new=["Paris"], ground_truth=["Rome"], subject=["Italy"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = tiny_tokenizer(add_bos=False)
+    tok.unk_token = "<pad>"  # easyeditor's FT masks targets with `!= tok.unk_token_id`
+    tiny_llama(vocab_size=len(tok), seed=0).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def enabled(tmp_path, monkeypatch):
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    easyedit.enable_easyedit(device="cpu")
+    yield
+    easyedit.disable_easyedit()
+
+
+def write_hparams(tmp_path, base, model_dir, **extra):
+    cfg = {**base, "model_name": str(model_dir), **extra}
+    p = tmp_path / f"{base['alg_name']}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def hparams_class(alg):
+    return {
+        "MEMIT": "easyeditor.models.memit.memit_hparams:MEMITHyperParams",
+        "ROME": "easyeditor.models.rome.rome_hparams:ROMEHyperParams",
+        "FT": "easyeditor.models.ft.ft_hparams:FTHyperParams",
+    }[alg]
+
+
+def load(alg, path):
+    module, _, name = hparams_class(alg).partition(":")
+    return getattr(import_easyeditor(module), name).from_hparams(str(path))
+
+
+def editor_for(hp):
+    return import_easyeditor("easyeditor.editors.editor").BaseEditor.from_hparams(hp)
+
+
+def edited_weights(editor, hp):
+    return {f"{hp.rewrite_module_tmp.format(l)}.weight": editor.model.get_parameter(
+        f"{hp.rewrite_module_tmp.format(l)}.weight") for l in hp.layers}
+
+
+def test_yaml_switch_pops_and_validates_the_revive_block(tmp_path, enabled, tiny_model_dir):
+    on = load("MEMIT", write_hparams(tmp_path, MEMIT, tiny_model_dir, revive={"tau": 0.2, "basis": "current"}))
+    assert on.plugin_configs == {"revive": {"tau": 0.2, "basis": "current"}}
+    off = load("MEMIT", write_hparams(tmp_path, MEMIT, tiny_model_dir))
+    assert not hasattr(off, "plugin_configs")
+    bad = write_hparams(tmp_path, MEMIT, tiny_model_dir, revive={"tau": 2})
+    with pytest.raises(ValueError, match=r"MEMIT\.yaml.*tau"):
+        load("MEMIT", bad)
+    typo = write_hparams(tmp_path, MEMIT, tiny_model_dir, revive={"taus": 0.1})
+    with pytest.raises(ValueError, match="unknown revive setting.*taus"):
+        load("MEMIT", typo)
+    order = write_hparams(tmp_path, MEMIT, tiny_model_dir, edit_plugins={"order": "revive"})
+    with pytest.raises(ValueError, match="order must be a list"):
+        load("MEMIT", order)
+
+
+def test_disable_restores_easyeditor(tmp_path, tiny_model_dir):
+    alg_dict = import_easyeditor("easyeditor.util.alg_dict").ALG_DICT
+    original = dict(alg_dict)
+    easyedit.enable_easyedit(device="cpu")
+    assert alg_dict["MEMIT"] is not original["MEMIT"]
+    easyedit.disable_easyedit()
+    assert alg_dict == original
+    with pytest.raises(TypeError):  # EasyEdit's own dataclass rejects the unknown block again
+        load("MEMIT", write_hparams(tmp_path, MEMIT, tiny_model_dir, revive={"tau": 0.1}))
+
+
+@pytest.mark.parametrize("alg,base", [("MEMIT", MEMIT), ("ROME", ROME), ("FT", FT)])
+def test_revive_filters_every_written_delta(tmp_path, enabled, tiny_model_dir, alg, base):
+    tau = 0.3
+    hp = load(alg, write_hparams(tmp_path, base, tiny_model_dir, revive={"tau": tau}))
+    torch.manual_seed(0)
+    editor = editor_for(hp)
+    weights = edited_weights(editor, hp)
+    w0 = {n: w.detach().clone() for n, w in weights.items()}
+    editor.edit(**REQUEST, keep_original_weight=False, verbose=False)
+    editor.edit(**REQUEST2, keep_original_weight=False, verbose=False)  # sequential: accumulates
+    records = easyedit.step_records(editor.model)
+    assert [r.editor for r in records] == [alg, alg]
+    changed = 0
+    for n, w in weights.items():
+        total = w.detach() - w0[n]
+        if not torch.any(total):
+            continue
+        changed += 1
+        b = protected_basis(w0[n], tau)  # basis "original": W₀ before the first edit
+        assert b.k >= 1
+        scale = float(total.norm())
+        assert float((b.u.T.float() @ total).norm()) <= 1e-4 * scale + 1e-6
+        assert float((total @ b.v.float()).norm()) <= 1e-4 * scale + 1e-6
+    assert changed >= 1
+
+
+def test_without_block_the_editor_is_untouched(tmp_path, enabled, tiny_model_dir):
+    hp = load("MEMIT", write_hparams(tmp_path, MEMIT, tiny_model_dir))
+    torch.manual_seed(0)
+    editor = editor_for(hp)
+    weights = edited_weights(editor, hp)
+    w0 = {n: w.detach().clone() for n, w in weights.items()}
+    editor.edit(**REQUEST, keep_original_weight=False, verbose=False)
+    rec = easyedit.step_records(editor.model)[-1]
+    assert rec.changed and rec.transformed == []
+    # MEMIT's raw delta reaches into W₀'s dominant subspace — exactly what REVIVE removes.
+    n = rec.changed[-1]
+    total = weights[n].detach() - w0[n]
+    b = protected_basis(w0[n], 0.3)
+    assert float((b.u.T.float() @ total).norm()) > 1e-3 * float(total.norm())
+
+
+def test_rejected_update_leaves_weights_exactly(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    broken = types.ModuleType("broken")
+
+    @hookimpl
+    def easyedit_transform_delta(delta):
+        return delta * math.nan
+
+    broken.easyedit_transform_delta = easyedit_transform_delta
+    pm = get_plugin_manager(pinned=[])
+    pm.register(broken, name="broken")
+    easyedit.enable_easyedit(device="cpu", pm=pm)
+    try:
+        hp = load("FT", write_hparams(tmp_path, FT, tiny_model_dir))
+        editor = editor_for(hp)
+        before = {n: p.detach().clone() for n, p in editor.model.named_parameters()}
+        with pytest.raises(EditRejected, match="broken.*non-finite"):
+            editor.edit(**REQUEST, keep_original_weight=False, verbose=False)
+        for n, p in editor.model.named_parameters():
+            assert torch.equal(p.detach(), before[n]), n
+    finally:
+        easyedit.disable_easyedit()
+
+
+def test_copy_true_edits_the_returned_model_only(tmp_path, enabled, tiny_model_dir):
+    hp = load("FT", write_hparams(tmp_path, FT, tiny_model_dir, revive={"tau": 0.3}))
+    editor = editor_for(hp)
+    name = "model.layers.1.mlp.down_proj.weight"
+    w0 = editor.model.get_parameter(name).detach().clone()
+    requests = editor._prepare_requests(REQUEST["prompts"], REQUEST["target_new"], REQUEST["ground_truth"],
+                                        subject=REQUEST["subject"])
+    edited, _ = editor.apply_algo(editor.model, editor.tok, requests, hp, copy=True, return_orig_weights=True)
+    assert edited is not editor.model
+    assert torch.equal(editor.model.get_parameter(name), w0)
+    delta = edited.get_parameter(name).detach() - w0
+    assert torch.any(delta)
+    torch.testing.assert_close(delta, safe_update(delta, w0, 0.3), atol=1e-5, rtol=1e-4)
