@@ -5,11 +5,15 @@ It uses EasyEdit exactly as a user would (``from_hparams`` â†’ ``BaseEditor`` â†
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 # CounterFact (ROME format) case ids 0, 13, 18, 51, 70, 84: (prompt, subject, new target, true target).
 DEMO_CASES = [
@@ -42,6 +46,7 @@ def run_demo(edits: int = 4, grad_steps: int = 15, tau: float = 0.1, hparams: Op
     if not 1 <= edits <= len(DEMO_CASES):
         raise ValueError(f"--edits must be between 1 and {len(DEMO_CASES)}, got {edits}")
     enable_easyedit()
+    logging.getLogger("easyeditor").setLevel(logging.WARNING)
     BaseEditor = import_easyeditor("easyeditor.editors.editor").BaseEditor
     MEMITHyperParams = import_easyeditor("easyeditor.models.memit.memit_hparams").MEMITHyperParams
     cases = DEMO_CASES[:edits]
@@ -63,10 +68,11 @@ def run_demo(edits: int = 4, grad_steps: int = 15, tau: float = 0.1, hparams: Op
         before = _probs(model, tok, cases)
         start = time.time()
         print(f"\n== {mode}: {edits} sequential edits (v_num_grad_steps={grad_steps}) ==", flush=True)
-        for prompt, subject, new, true in cases:
-            editor.edit(prompts=[prompt], target_new=[new], ground_truth=[true], subject=[subject],
-                        keep_original_weight=False, verbose=False)
-            print(f"  edited: {prompt} -> {new}", flush=True)
+        for prompt, subject, new, true in tqdm(cases, desc=mode, unit="edit"):
+            # easyeditor prints every optimisation step; keep the demo's screen readable.
+            with contextlib.redirect_stdout(io.StringIO()):
+                editor.edit(prompts=[prompt], target_new=[new], ground_truth=[true], subject=[subject],
+                            keep_original_weight=False, verbose=False)
         elapsed = time.time() - start
         after = _probs(model, tok, cases)
         metrics = step_records(model)[-1].metrics if step_records(model) else {}

@@ -32,7 +32,7 @@ from revive_plugin.config import ReviveConfig
 from revive_plugin.host import PluginHost, StepRecord, TargetWeight, get_plugin_manager
 
 from . import compat
-from .models import load_model, resolve_model_path
+from .models import load_model
 
 #: Attribute of an EasyEdit hparams object holding the popped plugin blocks.
 PLUGIN_CONFIGS_ATTR = "plugin_configs"
@@ -40,6 +40,8 @@ PLUGIN_CONFIGS_ATTR = "plugin_configs"
 HOST_BLOCK = "edit_plugins"
 #: Editors whose edits are not weight writes: plugins have nothing to filter.
 NON_WEIGHT_EDITORS = ("IKE", "SERAC", "FT-Api")
+#: Model names easyeditor's own loader handles (seq2seq, API and remote-code models).
+EASYEDIT_LOADED = ("t5", "gpt-3.5", "chatglm", "internlm", "baichuan")
 #: Hparams classes whose from_hparams reads YAML.
 HPARAMS_MODULES = {
     "ROME": "easyeditor.models.rome.rome_hparams:ROMEHyperParams",
@@ -266,12 +268,12 @@ def _wrap_editor_class(base_editor: type) -> None:
     @functools.wraps(original_init)
     def __init__(self: Any, hparams: Any, *args: Any, **kwargs: Any) -> None:
         name = hparams.model_name
-        local = resolve_model_path(name) if isinstance(name, str) else None
         with compat.cuda_redirect(_STATE.device):
-            if local is None:
+            if not isinstance(name, str) or any(s in name.lower() for s in EASYEDIT_LOADED):
                 original_init(self, hparams, *args, **kwargs)
                 return
-            # easyeditor picks loader classes by substrings of the name; load local models ourselves.
+            # easyeditor picks loader classes by substrings of the name (no Qwen, the slow LLaMA tokenizer
+            # for LLaMA 3, no local directories): causal LMs are loaded with the Auto classes instead.
             padding = "right" if hparams.alg_name in ("ROME", "MEMIT") else "left"
             model, tok = load_model(name, padding_side=padding)
             hparams.model_name = (model, tok)

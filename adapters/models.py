@@ -105,7 +105,7 @@ def load_model(name_or_path: Union[str, Path], padding_side: str = "right", devi
 
     local = resolve_model_path(str(name_or_path))
     source = str(local) if local is not None else str(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(source, torch_dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
     tok = AutoTokenizer.from_pretrained(source)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

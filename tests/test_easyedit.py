@@ -196,3 +196,15 @@ def test_copy_true_edits_the_returned_model_only(tmp_path, enabled, tiny_model_d
     delta = edited.get_parameter(name).detach() - w0
     assert torch.any(delta)
     torch.testing.assert_close(delta, safe_update(delta, w0, 0.3), atol=1e-5, rtol=1e-4)
+
+
+def test_every_shipped_hparams_file_loads(enabled):
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parent.parent / "hparams").glob("*/*.yaml"))
+    assert len(files) >= 20
+    for path in files:
+        hp = load(path.parent.name, path)
+        assert hp.alg_name == path.parent.name
+        assert hp.plugin_configs["revive"]["tau"] == 0.1, path
+        assert "{}" in hp.rewrite_module_tmp
