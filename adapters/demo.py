@@ -38,10 +38,12 @@ def _probs(model, tok, cases) -> list[tuple[float, float]]:
     return [(scores[i].prob, scores[n + i].prob) for i in range(n)]
 
 
-def run_demo(edits: int = 4, grad_steps: int = 15, tau: float = 0.1, hparams: Optional[str] = None) -> int:
+def run_demo(edits: int = 3, grad_steps: int = 15, tau: float = 0.1, hparams: Optional[str] = None) -> int:
     """Run ``edits`` sequential MEMIT edits twice (plain, +REVIVE) and print what changed."""
     from .compat import import_easyeditor
-    from .easyedit import PLUGIN_CONFIGS_ATTR, enable_easyedit, step_records
+    from revive_plugin.spectral import protected_basis
+
+    from .easyedit import PLUGIN_CONFIGS_ATTR, enable_easyedit
 
     if not 1 <= edits <= len(DEMO_CASES):
         raise ValueError(f"--edits must be between 1 and {len(DEMO_CASES)}, got {edits}")
@@ -75,12 +77,14 @@ def run_demo(edits: int = 4, grad_steps: int = 15, tau: float = 0.1, hparams: Op
                             keep_original_weight=False, verbose=False)
         elapsed = time.time() - start
         after = _probs(model, tok, cases)
-        metrics = step_records(model)[-1].metrics if step_records(model) else {}
         layers = []
         for n in names:
             w = model.get_parameter(n).detach()
-            layers.append((n, float(torch.linalg.vector_norm(w)), float(torch.linalg.vector_norm(w - w0[n])),
-                           metrics.get(f"revive/{n}/k")))
+            delta = w - w0[n]
+            basis = protected_basis(w0[n], tau)  # W₀'s dominant subspace, for both modes
+            inside = float(torch.linalg.vector_norm(basis.u.T.to(delta.dtype) @ delta))
+            layers.append((n, float(torch.linalg.vector_norm(w)), float(torch.linalg.vector_norm(delta)),
+                           inside / max(float(torch.linalg.vector_norm(delta)), 1e-30), basis.k))
         results[mode] = (before, after, layers, elapsed)
         del editor, model
 
@@ -90,10 +94,12 @@ def run_demo(edits: int = 4, grad_steps: int = 15, tau: float = 0.1, hparams: Op
         for mode, (before, after, _, _) in results.items():
             label = f"{prompt[:30]}… -> {new}" if len(prompt) > 30 else f"{prompt} -> {new}"
             print(f"{label:<44} {mode:<13} {before[i][0]:>10.4f} {after[i][0]:>11.4f} {after[i][1]:>12.4f}")
-    print(f"\n{'layer weight':<38} {'mode':<13} {'‖W‖_F':>9} {'‖W−W₀‖_F':>10} {'k':>4}")
+    print(f"\nper edited layer: ΔW = W − W₀ after all edits; k = energy rank of W₀ at tau={tau}; "
+          "'in top-k' = ‖UₖᵀΔW‖/‖ΔW‖, the share of the update inside W₀'s dominant left subspace")
+    print(f"{'layer weight':<38} {'mode':<13} {'‖W‖_F':>9} {'‖ΔW‖_F':>9} {'in top-k':>9} {'k':>4}")
     for mode, (_, _, layers, _) in results.items():
-        for n, norm, dnorm, k in layers:
-            print(f"{n:<38} {mode:<13} {norm:>9.3f} {dnorm:>10.4f} {('-' if k is None else int(k)):>4}")
+        for n, norm, dnorm, share, k in layers:
+            print(f"{n:<38} {mode:<13} {norm:>9.3f} {dnorm:>9.4f} {share:>9.4f} {k:>4}")
     for mode, (before, after, _, elapsed) in results.items():
         wins = sum(a[0] > a[1] for a in after)
         print(f"{mode}: {wins}/{len(cases)} edits with P(new) > P(true) after all edits; {elapsed:.0f} s of editing")

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_edit_stats)
 
     p = sub.add_parser("demo", help="sequential MEMIT edits on SmolLM2-135M, with and without REVIVE")
-    p.add_argument("--edits", type=int, default=4, help="number of sequential edits (default 4)")
+    p.add_argument("--edits", type=int, default=3, help="number of sequential edits (default 3)")
     p.add_argument("--grad-steps", type=int, default=15, help="MEMIT v_num_grad_steps (default 15, CPU profile)")
     p.add_argument("--tau", type=float, default=0.1, help="REVIVE tau (default 0.1)")
     p.add_argument("--hparams", help="MEMIT hparams YAML (default: the shipped SmolLM2 file)")
