@@ -1,4 +1,4 @@
-"""The ``revive`` command: plugins, prepare-model, edit-stats, demo."""
+"""The ``revive`` command: plugins, prepare-model, edit-stats, demo, eval, compare."""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +58,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(edits=args.edits, grad_steps=args.grad_steps, tau=args.tau, hparams=args.hparams)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.harness import Run, RunConfig
+
+    if args.resume:
+        run = Run.resume(args.resume)
+    else:
+        if not args.config:
+            raise ValueError("give a run config (e.g. smollm2-memit-revive) or --resume RUN_DIR")
+        overrides = list(args.set or [])
+        for key in ("edits", "batch_size", "eval_every", "data", "seed"):
+            value = getattr(args, key)
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        config = RunConfig.from_yaml(args.config, overrides)
+        run = Run.start(config, output=args.output, overwrite=args.overwrite)
+    try:
+        out = run.execute()
+    except KeyboardInterrupt:
+        return 130
+    print(f"results: {out}/summary.md, {out}/metrics.jsonl, {out}/*.png")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .eval.report import compare
+
+    compare(args.runs, args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="revive", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=0.1, help="REVIVE tau (default 0.1)")
     p.add_argument("--hparams", help="MEMIT hparams YAML (default: the shipped SmolLM2 file)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="sequential editing run with checkpoints, evaluation and resume")
+    p.add_argument("config", nargs="?", help="run config YAML (path or name in eval/configs)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (e.g. revive.tau=0.2)")
+    p.add_argument("--edits", type=int, help="number of edits")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="requests per edit step")
+    p.add_argument("--eval-every", dest="eval_every", type=int, help="checkpoint and evaluate every N edits")
+    p.add_argument("--data", help="dataset file (default: the shipped sample)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--output", help="run directory (default: the config's output)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="several runs in one table and one set of plots")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--output", default="runs/compare", help="where compare.md and the plots go")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -89,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"revive: error: {e}", file=sys.stderr)
         return 2
 

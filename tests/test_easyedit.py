@@ -9,7 +9,6 @@ import yaml
 from revive_plugin import EditRejected, get_plugin_manager, hookimpl, protected_basis, safe_update
 from revive_plugin.adapters import easyedit
 from revive_plugin.adapters.compat import import_easyeditor
-from revive_plugin.eval.testing import tiny_llama, tiny_tokenizer
 
 COMMON = {
     "device": 0,
@@ -41,16 +40,6 @@ FT = {
 REQUEST = dict(prompts=["The mother tongue of Danielle Darrieux is"], target_new=["English"],
                ground_truth=["French"], subject=["Danielle Darrieux"])
 REQUEST2 = dict(prompts=["The capital of Italy is"], target_new=["Paris"], ground_truth=["Rome"], subject=["Italy"])
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = tiny_tokenizer(add_bos=False)
-    tok.unk_token = "<pad>"  # easyeditor's FT masks targets with `!= tok.unk_token_id`
-    tiny_llama(vocab_size=len(tok), seed=0).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 @pytest.fixture

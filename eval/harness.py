@@ -1,0 +1,403 @@
+"""Sequential editing runs: edits in batches, checkpoints with evaluation, resume after interruption.
+
+A run is described by a YAML run config (``eval/configs/``) with command-line overrides; it writes one
+``RUN_DIR`` holding the resolved config, ``metrics.jsonl`` (one row per checkpoint), ``summary.md``, PNG
+plots and ``checkpoint/`` (edited weights, plugin and monitor state, RNG state, progress) from which
+``revive eval --resume RUN_DIR`` continues to the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from revive_plugin.config import ReviveConfig
+from revive_plugin.filter import ReviveFilter
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class RunConfig:
+    """One sequential-editing run (see ``eval/configs/*.yaml``)."""
+
+    name: str
+    hparams: str                                   # EasyEdit hparams YAML (path; relative paths: cwd, then the project)
+    model: Optional[str] = None                    # overrides the hparams' model_name
+    hparams_overrides: dict = field(default_factory=dict)
+    transforms: list = field(default_factory=list)  # plugin names applied to each delta, in order ([] = none)
+    revive: dict = field(default_factory=dict)     # the revive block when "revive" is in transforms
+    dataset: str = "counterfact"                   # counterfact | zsre
+    data: Optional[str] = None                     # data file; None: the shipped sample
+    edits: int = 10
+    batch_size: int = 1                            # requests per edit step
+    eval_every: int = 10                           # checkpoint + evaluation every N edits (and at the end)
+    eval_facts: Any = "all"                        # "all" edited facts, or an int: a fixed seeded sample of them
+    glue: dict = field(default_factory=lambda: {"tasks": ["sst2", "mrpc", "cola", "rte"], "n_per_task": 50,
+                                                 "few_shot": 0, "dir": None})
+    monitor_tau: float = 0.1                       # k of the LS/SS monitors (independent of the filter)
+    seed: int = 0
+    output: str = "runs/{name}"
+    device: Optional[str] = None                   # None: CPU without a GPU, else easyeditor's cuda:{device}
+
+    def __post_init__(self) -> None:
+        if self.dataset not in ("counterfact", "zsre"):
+            raise ValueError(f"dataset must be 'counterfact' or 'zsre', got {self.dataset!r}")
+        for key in ("edits", "batch_size", "eval_every"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not (self.eval_facts == "all" or (isinstance(self.eval_facts, int) and self.eval_facts > 0)):
+            raise ValueError(f"eval_facts must be 'all' or a positive integer, got {self.eval_facts!r}")
+        if not isinstance(self.transforms, list):
+            raise ValueError(f"transforms must be a list of plugin names, got {self.transforms!r}")
+        if "revive" in self.transforms:
+            ReviveConfig.from_dict(self.revive)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> "RunConfig":
+        """Load a run config; ``overrides`` are ``key=value`` or ``a.b=value`` (values parsed as YAML)."""
+        p = Path(path)
+        if not p.exists() and (CONFIG_DIR / p).exists():
+            p = CONFIG_DIR / p
+        if not p.exists() and (CONFIG_DIR / f"{p}.yaml").exists():
+            p = CONFIG_DIR / f"{p}.yaml"
+        if not p.exists():
+            raise FileNotFoundError(f"run config {path} not found (shipped: {sorted(x.stem for x in CONFIG_DIR.glob('*.yaml'))})")
+        data = yaml.safe_load(p.read_text()) or {}
+        return cls.from_dict(apply_overrides(data, overrides), source=str(p))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<config>") -> "RunConfig":
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"{source}: unknown run setting(s) {unknown}; allowed: {sorted(allowed)}")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from e
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """``a.b=value`` overrides into a nested dict (value parsed as YAML: numbers, lists, null…)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. revive.tau=0.2)")
+        key, raw = item.split("=", 1)
+        target = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a mapping")
+        target[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def _resolve_file(path: str) -> Path:
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    if (PACKAGE_ROOT / path).exists():
+        return PACKAGE_ROOT / path
+    raise FileNotFoundError(f"{path} not found (relative paths are tried from the cwd and from {PACKAGE_ROOT})")
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+def _pairs_for(cases: Sequence[Any]) -> tuple[list[str], list[str], list[tuple[str, int, int]]]:
+    """All (prompt, continuation) pairs of the facts' evaluation, and where each belongs."""
+    prompts, conts, where = [], [], []
+    for i, c in enumerate(cases):
+        groups = [("rewrite", [c.prompt]), ("paraphrase", c.rephrase_prompts), ("neighborhood", c.neighborhood_prompts)]
+        for group, ps in groups:
+            for j, p in enumerate(ps):
+                for kind, target in (("new", c.target_new),
+                                     ("true", c.neighborhood_targets[j] if group == "neighborhood" and c.dataset == "zsre" else c.target_true)):
+                    prompts.append(p)
+                    conts.append(target)
+                    where.append((f"{group}_{kind}", i, j))
+    return prompts, conts, where
+
+
+def evaluate_facts(model: Any, tok: Any, cases: Sequence[Any], pre_locality: Optional[dict] = None) -> dict[str, float]:
+    """CounterFact/zsRE metrics of the given edited facts (one batched scoring pass)."""
+    from .metrics import counterfact_metrics, easyedit_metrics, zsre_metrics
+    from .scoring import score_continuations
+
+    prompts, conts, where = _pairs_for(cases)
+    scores = score_continuations(model, tok, prompts, conts)
+    table: dict[str, list[list[Any]]] = {}
+    for (key, i, _), s in zip(where, scores):
+        table.setdefault(key, [[] for _ in cases])[i].append(s)
+    nll = {k: [[s.mean_nll for s in row] for row in v] for k, v in table.items()}
+    out: dict[str, float] = {}
+    if cases[0].dataset == "counterfact":
+        out.update(counterfact_metrics(nll["rewrite_new"], nll["rewrite_true"], nll.get("paraphrase_new", []),
+                                       nll.get("paraphrase_true", []), nll["neighborhood_new"], nll["neighborhood_true"]))
+    else:
+        def correct(key: str) -> list[list[bool]]:
+            return [[t for s in row for t in s.correct] for row in table[key]]
+        out.update(zsre_metrics(correct("rewrite_new"), correct("paraphrase_new"), correct("neighborhood_true")))
+    rewrite = [[t for s in row for t in s.correct] for row in table["rewrite_new"]]
+    rephrase = [[t for s in row for t in s.correct] for row in table.get("paraphrase_new", table["rewrite_new"])]
+    post_loc = [[t for s in row for t in s.argmax_ids] for row in table["neighborhood_true"]]
+    if pre_locality is not None:
+        pre = [pre_locality[str(c.case_id)] for c in cases]
+        out.update({f"easyedit_{k}": v for k, v in easyedit_metrics(rewrite, rephrase, pre, post_loc).items()})
+    return out
+
+
+def locality_argmax(model: Any, tok: Any, cases: Sequence[Any]) -> dict[str, list[int]]:
+    """The model's top-1 tokens on each case's neighborhood targets (EasyEdit locality reference)."""
+    from .scoring import score_continuations
+
+    prompts, conts, owners = [], [], []
+    for c in cases:
+        for j, p in enumerate(c.neighborhood_prompts):
+            prompts.append(p)
+            conts.append(c.neighborhood_targets[j] if c.dataset == "zsre" else c.target_true)
+            owners.append(str(c.case_id))
+    out: dict[str, list[int]] = {}
+    for owner, s in zip(owners, score_continuations(model, tok, prompts, conts)):
+        out.setdefault(owner, []).extend(s.argmax_ids)
+    return out
+
+
+# -- the run -------------------------------------------------------------------------------------
+class Run:
+    """A sequential editing run in ``run_dir`` (create with ``Run.start``, continue with ``Run.resume``)."""
+
+    def __init__(self, config: RunConfig, run_dir: Path):
+        self.config = config
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoint"
+
+    # setup
+    @classmethod
+    def start(cls, config: RunConfig, output: Optional[str] = None, overwrite: bool = False) -> "Run":
+        run_dir = Path(output or config.output.format(name=config.name))
+        if (run_dir / "checkpoint").exists() and not overwrite:
+            raise FileExistsError(f"{run_dir} already holds a run; continue it with `revive eval --resume {run_dir}` "
+                                  "or pass --overwrite")
+        if run_dir.exists() and overwrite:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        return cls(config, run_dir)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path) -> "Run":
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").exists():
+            raise FileNotFoundError(f"{run_dir} has no config.yaml: not a run directory")
+        config = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir))
+        return cls(config, run_dir)
+
+    def _load_hparams(self) -> Any:
+        from revive_plugin.adapters.compat import import_easyeditor
+        from revive_plugin.adapters.easyedit import HPARAMS_MODULES, PLUGIN_CONFIGS_ATTR
+
+        path = _resolve_file(self.config.hparams)
+        alg = (yaml.safe_load(path.read_text()) or {}).get("alg_name")
+        if alg not in HPARAMS_MODULES:
+            raise ValueError(f"{path}: alg_name {alg!r} is not one of {sorted(HPARAMS_MODULES)}")
+        module, _, cls_name = HPARAMS_MODULES[alg].partition(":")
+        hp = getattr(import_easyeditor(module), cls_name).from_hparams(str(path))
+        for key, value in self.config.hparams_overrides.items():
+            if not hasattr(hp, key):
+                raise ValueError(f"hparams_overrides: {alg} hparams have no setting {key!r}")
+            setattr(hp, key, value)
+        if self.config.model:
+            hp.model_name = self.config.model
+        configs = {}
+        for name in self.config.transforms:
+            configs[name] = dict(self.config.revive) if name == "revive" else {}
+        if self.config.transforms:
+            configs["edit_plugins"] = {"order": list(self.config.transforms)}
+        setattr(hp, PLUGIN_CONFIGS_ATTR, configs)
+        return hp
+
+    def _cases(self) -> list[Any]:
+        from .datasets import load_counterfact, load_zsre
+
+        loader = load_counterfact if self.config.dataset == "counterfact" else load_zsre
+        cases = loader(self.config.data, limit=None)
+        if len(cases) < self.config.edits:
+            raise ValueError(f"{self.config.dataset} data has {len(cases)} records; {self.config.edits} edits asked. "
+                             "Pass a larger set with --data PATH (e.g. ../shared/data/counterfact/counterfact_mend.json.gz)")
+        return list(cases[: self.config.edits])
+
+    # checkpoint
+    def _save(self, done: int, model: Any, hp: Any, host: Any, monitor: ReviveFilter, extra: dict) -> None:
+        from safetensors.torch import save_file
+
+        from revive_plugin.adapters.compat import import_easyeditor
+        from revive_plugin.adapters.easyedit import target_weights
+
+        tmp = self.run_dir / "checkpoint.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        weights = {t.name: t.tensor.detach().cpu().contiguous() for t in target_weights(model, hp)}
+        save_file(weights, str(tmp / "weights.safetensors"))
+        monitor.save(tmp / "monitor.safetensors")
+        if isinstance(host.state.get("revive"), ReviveFilter):
+            host.state["revive"].save(tmp / "revive.safetensors")
+        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        templates = {}
+        for module in ("easyeditor.models.memit.memit_main", "easyeditor.models.rome.rome_main"):
+            templates[module] = import_easyeditor(module).CONTEXT_TEMPLATES_CACHE
+        np_state = np.random.get_state()
+        state = {"edits_done": done, "host_step": host.step, "python_random": list(random.getstate()[1]),
+                 "numpy_random": [np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                 "context_templates": templates, **extra}
+        (tmp / "state.json").write_text(json.dumps(state))
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        tmp.rename(self.ckpt_dir)  # a checkpoint is either complete or absent
+
+    def _load(self, model: Any, hp: Any, host: Any) -> tuple[int, ReviveFilter, dict]:
+        from safetensors.torch import load_file
+
+        from revive_plugin.adapters.compat import import_easyeditor
+        from revive_plugin.adapters.easyedit import target_weights
+
+        state = json.loads((self.ckpt_dir / "state.json").read_text())
+        weights = load_file(str(self.ckpt_dir / "weights.safetensors"))
+        with torch.no_grad():
+            for t in target_weights(model, hp):
+                t.tensor.copy_(weights[t.name])
+        monitor = ReviveFilter.load(self.ckpt_dir / "monitor.safetensors")
+        if (self.ckpt_dir / "revive.safetensors").exists():
+            host.state["revive"] = ReviveFilter.load(self.ckpt_dir / "revive.safetensors")
+        host.step = state["host_step"]
+        torch.set_rng_state(load_file(str(self.ckpt_dir / "rng.safetensors"))["torch"])
+        random.setstate((3, tuple(state["python_random"]), None))
+        keys, pos, has_gauss, cached = state["numpy_random"]
+        np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        for module, templates in state["context_templates"].items():
+            import_easyeditor(module).CONTEXT_TEMPLATES_CACHE = templates
+        return state["edits_done"], monitor, state
+
+    # evaluation at a checkpoint
+    def _evaluate(self, done: int, model: Any, tok: Any, hp: Any, cases: list, probe: Any, monitor: ReviveFilter,
+                  state: dict) -> dict[str, Any]:
+        from revive_plugin.adapters.easyedit import target_weights
+
+        row: dict[str, Any] = {"edits": done}
+        if done:
+            edited = cases[:done]
+            if self.config.eval_facts != "all" and len(edited) > self.config.eval_facts:
+                rng = random.Random(self.config.seed)
+                edited = sorted(rng.sample(edited, self.config.eval_facts), key=lambda c: c.case_id)
+            row["facts_evaluated"] = len(edited)
+            row.update(evaluate_facts(model, tok, edited, state.get("pre_locality")))
+        if probe is not None:
+            glue = probe.evaluate(model, tok)
+            for task, metrics in glue.items():
+                for k, v in metrics.items():
+                    row[f"glue_{task}_{k}"] = v
+                    base = state.get("glue_baseline", {}).get(task, {}).get(k)
+                    if base:
+                        row[f"glue_{task}_{k}_rel"] = v / base
+        for t in target_weights(model, hp):
+            if t.view().ndim != 2:
+                continue
+            for k, v in monitor.monitor(t.name, t.view()).items():
+                row[f"spectral/{t.name}/{k}"] = v
+        return row
+
+    def execute(self, stop_after: Optional[int] = None) -> Path:
+        """Run (or continue) to ``config.edits``; ``stop_after`` ends early after that many edits (tests)."""
+        from revive_plugin.adapters.compat import import_easyeditor
+        from revive_plugin.adapters.easyedit import enable_easyedit, host_for, target_weights
+
+        from .glue import GlueProbe
+        from .report import write_report
+
+        cfg = self.config
+        enable_easyedit(device=cfg.device)
+        hp = self._load_hparams()
+        cases = self._cases()
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        BaseEditor = import_easyeditor("easyeditor.editors.editor").BaseEditor
+        with contextlib.redirect_stdout(io.StringIO()):
+            editor = BaseEditor.from_hparams(hp)
+        model, tok = editor.model, editor.tok
+        host = host_for(model)
+        probe = None
+        if cfg.glue and cfg.glue.get("tasks"):
+            probe = GlueProbe(cfg.glue["tasks"], n_per_task=cfg.glue.get("n_per_task", 50), seed=cfg.seed,
+                              few_shot=cfg.glue.get("few_shot", 0), data_dir=cfg.glue.get("dir"))
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if self.ckpt_dir.exists():
+            done, monitor, state = self._load(model, hp, host)
+            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+                if metrics_path.exists() else []
+            rows = [r for r in rows if r["edits"] <= done]  # drop rows written after the checkpoint
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            print(f"[revive] resuming {self.run_dir} at {done}/{cfg.edits} edits")
+        else:
+            done = 0
+            monitor = ReviveFilter(ReviveConfig(tau=cfg.monitor_tau))
+            for t in target_weights(model, hp):
+                if t.view().ndim == 2:
+                    monitor.observe(t.name, t.view())
+            state = {"pre_locality": locality_argmax(model, tok, cases)}
+            if probe is not None:
+                state["glue_baseline"] = probe.evaluate(model, tok)
+            row = self._evaluate(0, model, tok, hp, cases, probe, monitor, state)
+            metrics_path.write_text(json.dumps(row) + "\n")
+            self._save(0, model, hp, host, monitor, {k: state[k] for k in ("pre_locality", "glue_baseline") if k in state})
+        extra = {k: state[k] for k in ("pre_locality", "glue_baseline") if k in state}
+        target = cfg.edits if stop_after is None else min(cfg.edits, stop_after)
+        bar = tqdm(total=cfg.edits, initial=done, desc=f"{cfg.name} edits", unit="edit")
+        start = time.time()
+        try:
+            while done < target:
+                batch = cases[done: min(done + cfg.batch_size, target)]
+                requests = [c.to_request() for c in batch]
+                # ROME edits one request per call; the others take the batch at once.
+                groups = [[r] for r in requests] if hp.alg_name == "ROME" else [requests]
+                for group in groups:
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        editor.apply_algo(model, tok, group, hp, copy=False, return_orig_weights=False,
+                                          keep_original_weight=False)
+                    done += len(group)  # each call is atomic: interrupted calls are rolled back
+                    bar.update(len(group))
+                rate = (time.time() - start) / max(done, 1)
+                bar.set_postfix_str(f"ETA {rate * (cfg.edits - done) / 60:.1f} min")
+                if done % cfg.eval_every == 0 or done == cfg.edits:
+                    row = self._evaluate(done, model, tok, hp, cases, probe, monitor, state)
+                    with metrics_path.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    self._save(done, model, hp, host, monitor, extra)
+                    write_report(self.run_dir)
+        except KeyboardInterrupt:
+            self._save(done, model, hp, host, monitor, extra)
+            print(f"\n[revive] interrupted at {done} edits; checkpoint saved. Continue with: "
+                  f"revive eval --resume {self.run_dir}")
+            raise
+        finally:
+            bar.close()
+        if done >= cfg.edits:
+            write_report(self.run_dir)
+        return self.run_dir

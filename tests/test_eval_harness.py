@@ -1,0 +1,128 @@
+"""The sequential harness on a tiny in-process LLaMA: schedule, resume equality, Ctrl-C, CLI, reports."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from revive_plugin.adapters import easyedit
+from revive_plugin.cli import main
+from revive_plugin.eval.harness import Run, RunConfig, apply_overrides
+
+TINY_MEMIT = {
+    "alg_name": "MEMIT", "model_name": "unset", "stats_dir": "unused", "device": 0, "layers": [0, 1],
+    "clamp_norm_factor": 4, "layer_selection": "all", "fact_token": "subject_last", "v_num_grad_steps": 3,
+    "v_lr": 0.5, "v_loss_layer": 1, "v_weight_decay": 0.001, "kl_factor": 0.0625, "mom2_adjustment": True,
+    "mom2_update_weight": 100, "rewrite_module_tmp": "model.layers.{}.mlp.down_proj",
+    "layer_module_tmp": "model.layers.{}", "mlp_module_tmp": "model.layers.{}.mlp",
+    "attn_module_tmp": "model.layers.{}.self_attn", "ln_f_module": "model.norm", "lm_head_module": "lm_head",
+    "mom2_dataset": "me-ppl", "mom2_n_samples": 32, "mom2_dtype": "float32", "max_length": 40,
+    "batch_size": 1, "model_parallel": False,
+}
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    hp = tmp_path / "tiny-memit.yaml"
+    hp.write_text(yaml.safe_dump({**TINY_MEMIT, "model_name": str(tiny_model_dir)}))
+
+    def make(name, **extra):
+        data = {"name": name, "hparams": str(hp), "transforms": ["revive"], "revive": {"tau": 0.3},
+                "edits": 4, "batch_size": 2, "eval_every": 2, "eval_facts": "all",
+                "glue": {"tasks": ["sst2"], "n_per_task": 6, "few_shot": 0, "dir": None},
+                "output": str(tmp_path / "runs" / "{name}"), "device": "cpu", **extra}
+        return RunConfig.from_dict(data)
+
+    yield make
+    easyedit.disable_easyedit()
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overrides_and_validation():
+    assert apply_overrides({"revive": {"tau": 0.1}}, ["revive.tau=0.2", "edits=20"]) == {"revive": {"tau": 0.2}, "edits": 20}
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["edits"])
+    with pytest.raises(ValueError, match="edits must be a positive integer"):
+        RunConfig(name="x", hparams="h.yaml", edits=0)
+    with pytest.raises(ValueError, match="unknown run setting.*edit_count"):
+        RunConfig.from_dict({"name": "x", "hparams": "h", "edit_count": 3})
+    with pytest.raises(ValueError, match="revive.tau"):
+        RunConfig(name="x", hparams="h", transforms=["revive"], revive={"tau": 3})
+
+
+def test_shipped_configs_load():
+    for name in ("smollm2-memit", "smollm2-memit-revive"):
+        cfg = RunConfig.from_yaml(name, ["revive.tau=0.2"])
+        assert cfg.edits == 100 and cfg.batch_size == 10
+
+
+def test_schedule_resume_equals_uninterrupted(run_config):
+    straight = Run.start(run_config("straight")).execute()
+    r1 = rows(straight)
+    assert [r["edits"] for r in r1] == [0, 2, 4]
+    assert r1[0]["glue_sst2_accuracy"] == r1[0]["glue_sst2_accuracy"]  # baseline present
+    assert "efficacy_score" in r1[-1] and r1[-1]["facts_evaluated"] == 4
+    assert any(k.startswith("spectral/") and k.endswith("/ls") for k in r1[-1])
+
+    part = Run.start(run_config("resumed"))
+    part.execute(stop_after=2)
+    assert [r["edits"] for r in rows(part.run_dir)] == [0, 2]
+    easyedit.disable_easyedit()  # a new process would start from nothing
+    resumed = Run.resume(part.run_dir).execute()
+    r2 = rows(resumed)
+    assert [r["edits"] for r in r2] == [0, 2, 4]
+    for a, b in zip(r1, r2):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    from safetensors.torch import load_file
+
+    wa = load_file(str(straight / "checkpoint" / "weights.safetensors"))
+    wb = load_file(str(resumed / "checkpoint" / "weights.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    assert (resumed / "summary.md").exists() and (resumed / "spectral.png").exists()
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(run_config, monkeypatch):
+    run = Run.start(run_config("interrupted", edits=4, eval_every=4))
+    calls = {"n": 0}
+    original = easyedit._wrap_apply
+
+    def interrupting(alg, fn):
+        wrapped = original(alg, fn)
+
+        def apply(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            return wrapped(*args, **kwargs)
+        apply.__revive_wrapped__ = fn
+        return apply
+
+    monkeypatch.setattr(easyedit, "_wrap_apply", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run.execute()
+    state = json.loads((run.run_dir / "checkpoint" / "state.json").read_text())
+    assert state["edits_done"] == 2
+    monkeypatch.setattr(easyedit, "_wrap_apply", original)
+    easyedit.disable_easyedit()
+    done = Run.resume(run.run_dir).execute()
+    assert [r["edits"] for r in rows(done)] == [0, 4]
+
+
+def test_cli_eval_and_compare(run_config, tmp_path, capsys):
+    cfg = run_config("cli-a", edits=2, eval_every=2)
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["eval", str(path), "--output", str(tmp_path / "a")]) == 0
+    assert main(["eval", str(path), "--output", str(tmp_path / "a")]) == 2  # refuses to clobber a run
+    assert main(["eval", str(path), "--set", "transforms=[]", "--set", "name=cli-b",
+                 "--output", str(tmp_path / "b")]) == 0
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "cmp")]) == 0
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "cli-a" in text and "cli-b" in text and (tmp_path / "cmp" / "editing.png").exists()
