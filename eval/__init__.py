@@ -1,0 +1,1 @@
+"""Evaluation for sequential knowledge editing: data loaders, scoring, metrics and probes (import submodules directly)."""

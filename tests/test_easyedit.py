@@ -197,3 +197,17 @@ def test_every_shipped_hparams_file_loads(enabled):
         assert hp.alg_name == path.parent.name
         assert hp.plugin_configs["revive"]["tau"] == 0.1, path
         assert "{}" in hp.rewrite_module_tmp
+
+
+def test_non_weight_editors_pass_through_with_a_clear_warning():
+    calls = []
+
+    def fake_ike(model, tok, request, hparams, **kwargs):
+        calls.append(request)
+        return "icl examples"
+
+    wrapped = easyedit._wrap_apply("IKE", fake_ike)
+    hp = types.SimpleNamespace(plugin_configs={"revive": {"tau": 0.1}})
+    with pytest.warns(UserWarning, match="IKE does not write model weights.*revive"):
+        assert wrapped(None, None, "req", hp) == "icl examples"
+    assert calls == ["req"]

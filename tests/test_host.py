@@ -230,3 +230,13 @@ def test_third_party_entry_point_is_discovered(tmp_path, monkeypatch):
     names = {p["name"]: p for p in describe_plugins(get_plugin_manager())}
     assert "zero" in names and names["zero"]["source"] == "entry point of myplugin 1.0"
     sys.modules.pop("myplugin", None)
+
+
+def test_cli_lists_plugins(capsys):
+    import json
+
+    from revive_plugin.cli import main
+
+    assert main(["plugins", "--json"]) == 0
+    names = [p["name"] for p in json.loads(capsys.readouterr().out)]
+    assert "revive" in names
