@@ -46,21 +46,22 @@ def test_memit_with_revive_on_smollm2():
 
 
 def test_cli_eval_on_smollm2(tmp_path):
-    """A short real run through the CLI: two MEMIT+REVIVE edits, one checkpoint, GLUE probes, report."""
+    """A short real run through the CLI: one MEMIT+REVIVE edit, one checkpoint, a GLUE probe, the report."""
     import json
 
     from revive_plugin.cli import main
 
     out = tmp_path / "run"
     try:
-        code = main(["eval", "smollm2-memit-revive", "--edits", "2", "--batch-size", "2", "--eval-every", "2",
-                     "--set", "glue.n_per_task=10", "--set", "hparams_overrides.v_num_grad_steps=10",
+        code = main(["eval", "smollm2-memit-revive", "--edits", "1", "--batch-size", "1", "--eval-every", "1",
+                     "--set", "glue.tasks=[sst2]", "--set", "glue.n_per_task=10",
+                     "--set", "hparams_overrides.v_num_grad_steps=10",
                      "--set", "device=cpu", "--output", str(out)])
     finally:
         easyedit.disable_easyedit()
     assert code == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["edits"] for r in rows] == [0, 2]
+    assert [r["edits"] for r in rows] == [0, 1]
     assert 0.0 <= rows[-1]["efficacy_score"] <= 1.0 and "glue_sst2_accuracy" in rows[-1]
     assert rows[-1]["spectral/model.layers.8.mlp.down_proj.weight/k"] >= 1
     assert "smollm2-memit-revive" in (out / "summary.md").read_text()
