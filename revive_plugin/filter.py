@@ -55,6 +55,13 @@ class ReviveFilter:
             return reference
         return protected_basis(weight, self.config.tau)
 
+    def reconfigured(self, config: ReviveConfig) -> "ReviveFilter":
+        """A filter with ``config`` that keeps this one's W₀ bases when τ (and so every k) is unchanged."""
+        filt = ReviveFilter(config)
+        if config.tau == self.config.tau:
+            filt._reference = dict(self._reference)
+        return filt
+
     def reset(self) -> None:
         """Forget every cached basis (the next weight seen becomes W₀)."""
         self._reference.clear()

@@ -211,3 +211,15 @@ def test_non_weight_editors_pass_through_with_a_clear_warning():
     with pytest.warns(UserWarning, match="IKE does not write model weights.*revive"):
         assert wrapped(None, None, "req", hp) == "icl examples"
     assert calls == ["req"]
+
+
+def test_gpt2_conv1d_weights_are_marked_transposed():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+    hp = types.SimpleNamespace(rewrite_module_tmp="transformer.h.{}.mlp.c_proj", layers=[1])
+    targets = {t.name: t for t in easyedit.target_weights(model, hp)}
+    assert set(targets) == {"transformer.h.1.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.bias"}
+    w = targets["transformer.h.1.mlp.c_proj.weight"]
+    assert w.transposed and tuple(w.tensor.shape) == (64, 16) and tuple(w.view().shape) == (16, 64)
+    assert not targets["transformer.h.1.mlp.c_proj.bias"].transposed

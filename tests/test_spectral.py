@@ -193,3 +193,11 @@ def test_config_defaults_and_roundtrip():
     assert c.basis == "original" and c.enabled and c.layers == (4, 5)
     assert ReviveConfig.from_dict(c.to_dict()) == c
     assert ReviveConfig.from_dict(None) == ReviveConfig()
+
+
+def test_reconfigured_keeps_bases_only_for_same_tau():
+    w, _, _ = matrix_with_spectrum([5, 4, 1], 8, 10)
+    f = ReviveFilter({"tau": 0.2})
+    f.observe("a", w)
+    assert f.reconfigured(ReviveConfig(tau=0.2, basis="current")).reference("a") is f.reference("a")
+    assert f.reconfigured(ReviveConfig(tau=0.5)).reference("a") is None

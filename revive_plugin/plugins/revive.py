@@ -25,12 +25,10 @@ def active_filter(context: EditContext) -> Optional[ReviveFilter]:
     if not config.enabled:
         return None
     filt = context.state.get(NAME)
-    if filt is None or filt.config != config:
-        previous = filt
-        filt = ReviveFilter(config)
-        if previous is not None and previous.config.tau == config.tau:
-            filt._reference = previous._reference  # same τ: keep the W₀ bases
-        context.state[NAME] = filt
+    if filt is None:
+        filt = context.state[NAME] = ReviveFilter(config)
+    elif filt.config != config:
+        filt = context.state[NAME] = filt.reconfigured(config)
     return filt
 
 
