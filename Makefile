@@ -16,5 +16,8 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+bench: install
+	$(PY) benchmarks/filter_cost.py
+
 clean:
 	rm -rf build *.egg-info .pytest_cache
