@@ -196,7 +196,7 @@ class GlueProbe:
                     prompts.append(item.prompt)
                     words.append(word)
                 owners.append((t, k))
-        scores = score_continuations(model, tok, prompts, words, batch_size=batch_size)
+        scores = score_continuations(model, tok, prompts, words, batch_size=batch_size, progress="GLUE probes")
         preds: dict[str, list[int]] = {t: [] for t in self.tasks}
         pos = 0
         for t, _ in owners:

@@ -143,7 +143,7 @@ def evaluate_facts(model: Any, tok: Any, cases: Sequence[Any], pre_locality: Opt
     from .scoring import score_continuations
 
     prompts, conts, where = _pairs_for(cases)
-    scores = score_continuations(model, tok, prompts, conts)
+    scores = score_continuations(model, tok, prompts, conts, progress="eval facts")
     table: dict[str, list[list[Any]]] = {}
     for (key, i, _), s in zip(where, scores):
         table.setdefault(key, [[] for _ in cases])[i].append(s)
@@ -176,7 +176,7 @@ def locality_argmax(model: Any, tok: Any, cases: Sequence[Any]) -> dict[str, lis
             conts.append(c.neighborhood_targets[j] if c.dataset == "zsre" else c.target_true)
             owners.append(str(c.case_id))
     out: dict[str, list[int]] = {}
-    for owner, s in zip(owners, score_continuations(model, tok, prompts, conts)):
+    for owner, s in zip(owners, score_continuations(model, tok, prompts, conts, progress="pre-edit locality")):
         out.setdefault(owner, []).extend(s.argmax_ids)
     return out
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .tokenization import encode, pad_id, special_affixes
 
@@ -122,11 +123,13 @@ def score_continuations(
     batch_size: int = 32,
     *,
     padding_side: str | None = None,
+    progress: str | None = None,
 ) -> list[TokenScores]:
     """Score ``continuations[i]`` after ``prompts[i]`` for every i, in batches; results keep input order.
 
     ``padding_side`` defaults to ``tok.padding_side``; both sides give the same scores because position
-    ids are derived from the attention mask. The tokenizer itself is not modified.
+    ids are derived from the attention mask. The tokenizer itself is not modified. ``progress``: a label
+    for a progress bar over the batches (None: no bar).
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
@@ -151,7 +154,8 @@ def score_continuations(
     results: list[TokenScores | None] = [None] * len(encoded)
 
     with _eval_mode(model), torch.inference_mode():
-        for b0 in range(0, len(order), batch_size):
+        batches = range(0, len(order), batch_size)
+        for b0 in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
             idx = order[b0:b0 + batch_size]
             seqs = [encoded[i][0] for i in idx]
             width = max(len(s) for s in seqs)
