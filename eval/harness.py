@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import random
 import shutil
 import time
@@ -301,6 +302,7 @@ class Run:
         from revive_plugin.adapters.easyedit import target_weights
 
         row: dict[str, Any] = {"edits": done}
+        glue = state.get("glue_baseline") if done == 0 else None  # the pre-edit row reuses the baseline
         if done:
             edited = cases[:done]
             if self.config.eval_facts != "all" and len(edited) > self.config.eval_facts:
@@ -309,7 +311,7 @@ class Run:
             row["facts_evaluated"] = len(edited)
             row.update(evaluate_facts(model, tok, edited, state.get("pre_locality")))
         if probe is not None:
-            glue = probe.evaluate(model, tok)
+            glue = glue or probe.evaluate(model, tok)
             for task, metrics in glue.items():
                 for k, v in metrics.items():
                     row[f"glue_{task}_{k}"] = v
@@ -333,6 +335,7 @@ class Run:
 
         cfg = self.config
         enable_easyedit(device=cfg.device)
+        logging.getLogger("easyeditor").setLevel(logging.WARNING)  # it logs every request at INFO
         hp = self._load_hparams()
         cases = self._cases()
         random.seed(cfg.seed)
