@@ -50,6 +50,8 @@ class RunConfig:
     glue: dict = field(default_factory=lambda: {"tasks": ["sst2", "mrpc", "cola", "rte"], "n_per_task": 50,
                                                  "few_shot": 0, "dir": None})
     monitor_tau: float = 0.1                       # k of the LS/SS monitors (independent of the filter)
+    fluency_prompts: int = 10                      # generation prompts of edited facts for Fluency (0: off)
+    fluency_tokens: int = 40                       # greedy tokens generated per prompt
     seed: int = 0
     output: str = "runs/{name}"
     device: Optional[str] = None                   # None: CPU without a GPU, else easyeditor's cuda:{device}
@@ -310,6 +312,14 @@ class Run:
                 edited = sorted(rng.sample(edited, self.config.eval_facts), key=lambda c: c.case_id)
             row["facts_evaluated"] = len(edited)
             row.update(evaluate_facts(model, tok, edited, state.get("pre_locality")))
+            prompts = [c.generation_prompts[0] for c in edited if c.generation_prompts][: self.config.fluency_prompts]
+            if prompts:
+                from .generation import generate_texts
+                from .metrics import n_gram_entropy
+
+                texts = generate_texts(model, tok, prompts, max_new_tokens=self.config.fluency_tokens)
+                row["fluency"] = n_gram_entropy(texts)
+                row["fluency_prompts"] = len(prompts)
         if probe is not None:
             glue = glue or probe.evaluate(model, tok)
             for task, metrics in glue.items():

@@ -12,7 +12,7 @@ HEADLINE = [
     "efficacy_score", "generalization_score", "specificity_score",
     "efficacy", "generalization", "specificity",
     "efficacy_magnitude", "generalization_magnitude", "specificity_magnitude",
-    "easyedit_rewrite_acc", "easyedit_rephrase_acc", "easyedit_locality",
+    "easyedit_rewrite_acc", "easyedit_rephrase_acc", "easyedit_locality", "fluency",
 ]
 
 
@@ -94,6 +94,8 @@ def write_report(run_dir: str | Path) -> Path:
              _table(["edits"] + cols, [[r["edits"]] + [r.get(c) for c in cols] for r in rows]),
              "", "## Spectral monitors (mean over edited layers)", "",
              _table(["edits"] + spec, [[r["edits"]] + [r.get(c) for c in spec] for r in rows]), "",
+             "Fluency: ROME's weighted bi/tri-gram entropy of greedy generations from the edited facts' first "
+             f"generation prompts (up to {config.get('fluency_prompts', 0)}; MEND-format and zsRE data have none). "
              "Consistency (TF-IDF vs reference snippets) needs ROME's attribute_snippets/idf/tfidf_vocab, "
              "which are not available here: it is not reported.", ""]
     path = run_dir / "summary.md"

@@ -66,6 +66,7 @@ def test_schedule_resume_equals_uninterrupted(run_config):
     assert [r["edits"] for r in r1] == [0, 2, 4]
     assert r1[0]["glue_sst2_accuracy"] == r1[0]["glue_sst2_accuracy"]  # baseline present
     assert "efficacy_score" in r1[-1] and r1[-1]["facts_evaluated"] == 4
+    assert r1[-1]["fluency_prompts"] == 4 and r1[-1]["fluency"] >= 0.0
     assert any(k.startswith("spectral/") and k.endswith("/ls") for k in r1[-1])
 
     part = Run.start(run_config("resumed"))
