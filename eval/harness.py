@@ -382,10 +382,21 @@ class Run:
             self._save(0, model, hp, host, monitor, {k: state[k] for k in ("pre_locality", "glue_baseline") if k in state})
         extra = {k: state[k] for k in ("pre_locality", "glue_baseline") if k in state}
         target = cfg.edits if stop_after is None else min(cfg.edits, stop_after)
+        evaluated = {json.loads(line)["edits"] for line in metrics_path.read_text().splitlines() if line.strip()}
         bar = tqdm(total=cfg.edits, initial=done, desc=f"{cfg.name} edits", unit="edit")
-        start = time.time()
+        start, start_done = time.time(), done
         try:
-            while done < target:
+            while True:
+                # Evaluate before editing on: a run interrupted during a checkpoint's evaluation redoes it.
+                if (done % cfg.eval_every == 0 or done == cfg.edits) and done not in evaluated:
+                    row = self._evaluate(done, model, tok, hp, cases, probe, monitor, state)
+                    with metrics_path.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    evaluated.add(done)
+                    self._save(done, model, hp, host, monitor, extra)
+                    write_report(self.run_dir)
+                if done >= target:
+                    break
                 batch = cases[done: min(done + cfg.batch_size, target)]
                 requests = [c.to_request() for c in batch]
                 # ROME edits one request per call; the others take the batch at once.
@@ -396,14 +407,8 @@ class Run:
                                           keep_original_weight=False)
                     done += len(group)  # each call is atomic: interrupted calls are rolled back
                     bar.update(len(group))
-                rate = (time.time() - start) / max(done, 1)
+                rate = (time.time() - start) / max(done - start_done, 1)
                 bar.set_postfix_str(f"ETA {rate * (cfg.edits - done) / 60:.1f} min")
-                if done % cfg.eval_every == 0 or done == cfg.edits:
-                    row = self._evaluate(done, model, tok, hp, cases, probe, monitor, state)
-                    with metrics_path.open("a") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                    self._save(done, model, hp, host, monitor, extra)
-                    write_report(self.run_dir)
         except KeyboardInterrupt:
             self._save(done, model, hp, host, monitor, extra)
             print(f"\n[revive] interrupted at {done} edits; checkpoint saved. Continue with: "

@@ -116,6 +116,26 @@ def test_ctrl_c_leaves_a_usable_checkpoint(run_config, monkeypatch):
     assert [r["edits"] for r in rows(done)] == [0, 4]
 
 
+def test_interrupt_during_a_checkpoint_evaluation_is_redone_on_resume(run_config, monkeypatch):
+    run = Run.start(run_config("eval-interrupted", edits=2, eval_every=2))
+    original = Run._evaluate
+
+    def interrupting(self, done, *args, **kwargs):
+        if done == 2:
+            raise KeyboardInterrupt
+        return original(self, done, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "_evaluate", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run.execute()
+    assert json.loads((run.run_dir / "checkpoint" / "state.json").read_text())["edits_done"] == 2
+    assert [r["edits"] for r in rows(run.run_dir)] == [0]
+    monkeypatch.setattr(Run, "_evaluate", original)
+    easyedit.disable_easyedit()
+    done = Run.resume(run.run_dir).execute()
+    assert [r["edits"] for r in rows(done)] == [0, 2]
+
+
 def test_cli_eval_and_compare(run_config, tmp_path, capsys):
     cfg = run_config("cli-a", edits=2, eval_every=2)
     path = tmp_path / "cli.yaml"
