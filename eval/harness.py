@@ -132,8 +132,8 @@ def _pairs_for(cases: Sequence[Any]) -> tuple[list[str], list[str], list[tuple[s
         groups = [("rewrite", [c.prompt]), ("paraphrase", c.rephrase_prompts), ("neighborhood", c.neighborhood_prompts)]
         for group, ps in groups:
             for j, p in enumerate(ps):
-                for kind, target in (("new", c.target_new),
-                                     ("true", c.neighborhood_targets[j] if group == "neighborhood" and c.dataset == "zsre" else c.target_true)):
+                true = c.neighborhood_targets[j] if group == "neighborhood" else c.target_true
+                for kind, target in (("new", c.target_new), ("true", true)):
                     prompts.append(p)
                     conts.append(target)
                     where.append((f"{group}_{kind}", i, j))
@@ -151,17 +151,19 @@ def evaluate_facts(model: Any, tok: Any, cases: Sequence[Any], pre_locality: Opt
     for (key, i, _), s in zip(where, scores):
         table.setdefault(key, [[] for _ in cases])[i].append(s)
     nll = {k: [[s.mean_nll for s in row] for row in v] for k, v in table.items()}
+    def tokens(key: str, attr: str = "correct") -> list[list[Any]]:
+        """Per case, the token-level ``attr`` of all its prompts in group ``key``, concatenated."""
+        return [[t for s in row for t in getattr(s, attr)] for row in table[key]]
+
     out: dict[str, float] = {}
     if cases[0].dataset == "counterfact":
         out.update(counterfact_metrics(nll["rewrite_new"], nll["rewrite_true"], nll.get("paraphrase_new", []),
                                        nll.get("paraphrase_true", []), nll["neighborhood_new"], nll["neighborhood_true"]))
     else:
-        def correct(key: str) -> list[list[bool]]:
-            return [[t for s in row for t in s.correct] for row in table[key]]
-        out.update(zsre_metrics(correct("rewrite_new"), correct("paraphrase_new"), correct("neighborhood_true")))
-    rewrite = [[t for s in row for t in s.correct] for row in table["rewrite_new"]]
-    rephrase = [[t for s in row for t in s.correct] for row in table.get("paraphrase_new", table["rewrite_new"])]
-    post_loc = [[t for s in row for t in s.argmax_ids] for row in table["neighborhood_true"]]
+        out.update(zsre_metrics(tokens("rewrite_new"), tokens("paraphrase_new"), tokens("neighborhood_true")))
+    rewrite = tokens("rewrite_new")
+    rephrase = tokens("paraphrase_new" if "paraphrase_new" in table else "rewrite_new")
+    post_loc = tokens("neighborhood_true", "argmax_ids")
     if pre_locality is not None:
         pre = [pre_locality[str(c.case_id)] for c in cases]
         out.update({f"easyedit_{k}": v for k, v in easyedit_metrics(rewrite, rephrase, pre, post_loc).items()})
@@ -176,7 +178,7 @@ def locality_argmax(model: Any, tok: Any, cases: Sequence[Any]) -> dict[str, lis
     for c in cases:
         for j, p in enumerate(c.neighborhood_prompts):
             prompts.append(p)
-            conts.append(c.neighborhood_targets[j] if c.dataset == "zsre" else c.target_true)
+            conts.append(c.neighborhood_targets[j])
             owners.append(str(c.case_id))
     out: dict[str, list[int]] = {}
     for owner, s in zip(owners, score_continuations(model, tok, prompts, conts, progress="pre-edit locality")):
