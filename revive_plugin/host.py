@@ -158,10 +158,12 @@ class PluginHost:
     def transform(
         self, name: str, delta: torch.Tensor, weight: torch.Tensor, context: EditContext,
         order: Optional[Sequence[str]] = None,
+        chain: Optional[Sequence[tuple[str, Callable[..., Any]]]] = None,
     ) -> tuple[torch.Tensor, bool]:
-        """Run the chain on one delta; returns (final delta, whether any plugin changed it)."""
+        """Run the chain (``chain``, else the one ``order`` gives) on one delta; returns (final delta, whether
+        any plugin changed it)."""
         changed = False
-        for plugin, fn in self.transform_chain(order):
+        for plugin, fn in (chain if chain is not None else self.transform_chain(order)):
             try:
                 out = self._call(fn, name=name, delta=delta, weight=weight, context=context)
             except Exception as e:
@@ -210,6 +212,7 @@ class PluginHost:
             raise
         try:
             finals: dict[str, torch.Tensor] = {}
+            chain = None  # resolved once per step, at the first delta that needs it
             with torch.no_grad():
                 for t in targets:
                     w0 = views[t.name]
@@ -224,7 +227,9 @@ class PluginHost:
                         continue
                     pctx = EditContext(editor=editor, step=self.step, layer=layer_index(t.name),
                                        configs=configs, state=self.state)
-                    final, changed = self.transform(t.name, delta, w0, pctx, order)
+                    if chain is None:
+                        chain = self.transform_chain(order)
+                    final, changed = self.transform(t.name, delta, w0, pctx, chain=chain)
                     finals[t.name] = final
                     if changed:
                         record.transformed.append(t.name)
