@@ -17,13 +17,14 @@ statistics from a local corpus (``stats``) fed through easyeditor's own caches.
 """
 from __future__ import annotations
 
+import contextlib
 import copy as copy_module
 import functools
 import os
 import tempfile
 import warnings
 import weakref
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import yaml
@@ -38,6 +39,8 @@ from .models import load_model
 PLUGIN_CONFIGS_ATTR = "plugin_configs"
 #: YAML block holding host settings: ``edit_plugins: {order: [rect, revive]}``.
 HOST_BLOCK = "edit_plugins"
+#: YAML block switching MEMIT's z optimisation to the batched path: ``batched_z: true`` or ``{chunk: 16}``.
+BATCHED_Z_BLOCK = "batched_z"
 #: Editors whose edits are not weight writes: plugins have nothing to filter.
 NON_WEIGHT_EDITORS = ("IKE", "SERAC", "FT-Api")
 #: Model names easyeditor's own loader handles (seq2seq, API and remote-code models).
@@ -88,7 +91,7 @@ def _patch(obj: Any, name: str, value: Any) -> None:
 def plugin_block_names() -> set[str]:
     """Top-level YAML keys that belong to plugins (popped before EasyEdit sees the file)."""
     pm = _STATE.pm or get_plugin_manager()
-    return {name for name, _ in pm.list_name_plugin()} | {"revive", HOST_BLOCK}
+    return {name for name, _ in pm.list_name_plugin()} | {"revive", HOST_BLOCK, BATCHED_Z_BLOCK}
 
 
 def split_plugin_blocks(config: dict, source: str = "<hparams>") -> tuple[dict, dict]:
@@ -110,7 +113,23 @@ def split_plugin_blocks(config: dict, source: str = "<hparams>") -> tuple[dict, 
         order = host.get("order", [])
         if not isinstance(order, list) or not all(isinstance(x, str) for x in order):
             raise ValueError(f"{source}: {HOST_BLOCK}.order must be a list of plugin names, got {order!r}")
+    if BATCHED_Z_BLOCK in blocks:
+        blocks[BATCHED_Z_BLOCK] = batched_z_options(blocks[BATCHED_Z_BLOCK], source)
     return rest, blocks
+
+
+def batched_z_options(value: Any, source: str = "<hparams>") -> Optional[dict]:
+    """Validated ``batched_z:`` block: None (off) or ``{"chunk": int}``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {"chunk": 16}
+    if isinstance(value, Mapping) and set(value) <= {"chunk"}:
+        chunk = value.get("chunk", 16)
+        if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1:
+            return {"chunk": chunk}
+    raise ValueError(f"{source}: {BATCHED_Z_BLOCK} must be true, false or {{chunk: N}} with N ≥ 1 requests per "
+                     f"forward pass, got {value!r}")
 
 
 def attach_plugin_configs(hparams: Any, **blocks: Any) -> Any:
@@ -251,15 +270,67 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
             _feed_statistics(alg, model, tok, hparams)
             host = host_for(model)
             order = (configs.get(HOST_BLOCK) or {}).get("order")
-            result, _ = host.run_step(
-                alg, target_weights(model, hparams),
-                lambda: apply_fn(model, tok, requests, hparams, *args, **kwargs),
-                configs=configs, order=order,
-            )
+
+            def run() -> Any:
+                z_options = configs.get(BATCHED_Z_BLOCK)
+                if alg != "MEMIT" or not z_options:
+                    return apply_fn(model, tok, requests, hparams, *args, **kwargs)
+                with batched_compute_z(model, tok, requests, hparams, chunk=z_options["chunk"]):
+                    return apply_fn(model, tok, requests, hparams, *args, **kwargs)
+
+            result, _ = host.run_step(alg, target_weights(model, hparams), run, configs=configs, order=order)
             return result
 
     apply.__revive_wrapped__ = apply_fn  # type: ignore[attr-defined]
     return apply
+
+
+def memit_request(request: Mapping[str, Any]) -> dict:
+    """A request as easyeditor's ``execute_memit`` normalises it (space before the target, ``{}`` for the subject)."""
+    r = dict(request)
+    if r["target_new"][0] != " ":
+        r["target_new"] = " " + r["target_new"]
+    if "{}" not in r["prompt"]:
+        r["prompt"] = r["prompt"].replace(r["subject"], "{}")
+    return r
+
+
+def _z_key(request: Mapping[str, Any]) -> tuple[str, str, str]:
+    return request["prompt"], request["subject"], request["target_new"]
+
+
+@contextlib.contextmanager
+def batched_compute_z(model: Any, tok: Any, requests: Any, hparams: Any, chunk: int = 16) -> Iterator[dict]:
+    """Within the block, MEMIT's ``compute_z`` returns v* optimised for all ``requests`` at once.
+
+    The vectors are computed on the first ``compute_z`` call (context templates, layer and model as easyeditor
+    passes them); a request not among them falls back to easyeditor's own ``compute_z``. Yields counters
+    ``{"batched": n, "fallback": n}``.
+    """
+    from .batched_z import compute_zs
+
+    main = compat.import_easyeditor("easyeditor.models.memit.memit_main")
+    original = main.compute_z
+    normalised = [memit_request(r) for r in requests]
+    computed: dict[tuple[str, str, str], torch.Tensor] = {}
+    counts = {"batched": 0, "fallback": 0}
+
+    def compute_z(model_: Any, tok_: Any, request: Any, hparams_: Any, layer: int, templates: Any) -> torch.Tensor:
+        if not computed:
+            zs = compute_zs(model_, tok_, normalised, hparams_, layer, templates, chunk=chunk)
+            computed.update({_z_key(r): z for r, z in zip(normalised, zs)})
+        z = computed.get(_z_key(request))
+        if z is None:
+            counts["fallback"] += 1
+            return original(model_, tok_, request, hparams_, layer, templates)
+        counts["batched"] += 1
+        return z
+
+    main.compute_z = compute_z
+    try:
+        yield counts
+    finally:
+        main.compute_z = original
 
 
 def _wrap_editor_class(base_editor: type) -> None:

@@ -1,0 +1,245 @@
+"""Batched z optimisation for MEMIT: every request of an edit batch optimised in one forward/backward.
+
+easyeditor's ``compute_z`` optimises one request's target vector v* = h + δ at a time. The requests of a
+batch are independent — each δ only enters its own prompts — so this module optimises all of them
+together, with the same objective, optimiser and stopping rule as easyeditor's, request by request:
+
+* per request: the same rewriting prompts (context templates × prompt + target prefix) and KL prompt,
+  the same lookup tokens, nll + kl_factor·KL + v_weight_decay·‖δ‖/‖h‖², Adam(lr = v_lr), the same
+  early stop (loss < 5e-2, checked before the step) and the same clamp to clamp_norm_factor·‖h‖;
+* δ is one [requests, d] tensor under one Adam: Adam is elementwise, so each row follows exactly the
+  trajectory it would alone; a request that stopped leaves the batch and its row is frozen;
+* exact savings, not approximations: the log-softmax is taken only at the target tokens (easyeditor takes it
+  at every position of every prompt and discards the rest), the model's own logits are not materialised
+  (the KL row's logits come from the final norm through the output embeddings), and prompts of many requests
+  share one padded forward, in chunks of ``chunk`` requests so memory stays bounded.
+
+Only ``compute_z`` is replaced; key computation, covariance and the update stay easyeditor's.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import compat
+
+#: easyeditor's early-stopping threshold on a request's total z loss.
+STOP_LOSS = 5e-2
+
+
+def _module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    return model.get_submodule(name)
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _replace_hidden(out: Any, hidden: torch.Tensor) -> Any:
+    if isinstance(out, torch.Tensor):
+        return hidden
+    return (hidden, *out[1:])
+
+
+def _lm_head(model: torch.nn.Module, hparams: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [V, d], bias [V]) of the unembedding named by ``hparams.lm_head_module``, as easyeditor reads it."""
+    w = model.get_parameter(f"{hparams.lm_head_module}.weight")
+    try:
+        b = model.get_parameter(f"{hparams.lm_head_module}.bias")
+    except AttributeError:
+        b = w.new_zeros(w.shape[0])
+    return w, b
+
+
+class _Prepared:
+    """Token ids, loss positions and lookup indices of every prompt of every request."""
+
+    def __init__(self, tok: Any, requests: Sequence[Mapping[str, Any]], hparams: Any,
+                 context_templates: Sequence[Sequence[str]], device: torch.device):
+        find_idx = compat.import_easyeditor("easyeditor.models.memit.compute_z").find_fact_lookup_idx
+        self.requests = list(requests)
+        self.texts: list[list[str]] = []         # per request: rewriting prompts, then the KL prompt
+        self.lookup: list[list[int]] = []
+        self.targets: list[torch.Tensor] = []
+        for r in self.requests:
+            target_ids = tok(r["target_new"], return_tensors="pt")["input_ids"][0]
+            if target_ids[0] == tok.bos_token_id or target_ids[0] == tok.unk_token_id:
+                target_ids = target_ids[1:]
+            rewriting = [c.format(r["prompt"]) + tok.decode(target_ids[:-1])
+                         for group in context_templates for c in group]
+            prompts = rewriting + ["{} is a"]
+            texts = [p.format(r["subject"]) for p in prompts]
+            idxs = [find_idx(p, r["subject"], tok, hparams.fact_token, verbose=False) for p in prompts]
+            if any(i < 0 for i in idxs):
+                # easyeditor pads each request's prompts together: a negative index counts from that length.
+                width = max(len(tok(t)["input_ids"]) for t in texts)
+                idxs = [i + width if i < 0 else i for i in idxs]
+            self.texts.append(texts)
+            self.lookup.append(idxs)
+            self.targets.append(target_ids.to(device))
+        self.n_rewrite = len(self.texts[0]) - 1 if self.texts else 0
+
+    def batch(self, tok: Any, which: Sequence[int], device: torch.device) -> dict[str, Any]:
+        """Padded inputs for the requests ``which`` (right padding, as easyeditor's positions assume)."""
+        texts = [t for i in which for t in self.texts[i]]
+        side = tok.padding_side
+        tok.padding_side = "right"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True).to(device)
+        finally:
+            tok.padding_side = side
+        per = self.n_rewrite + 1
+        lens = enc["attention_mask"].sum(1)
+        rows, idxs, owner = [], [], []
+        t_rows, t_pos, t_ids, t_owner, t_norm = [], [], [], [], []
+        for j, i in enumerate(which):
+            for p in range(per):
+                row = j * per + p
+                rows.append(row)
+                idxs.append(self.lookup[i][p])
+                owner.append(j)
+                if p < self.n_rewrite:
+                    n = len(self.targets[i])
+                    end = int(lens[row])
+                    t_rows += [row] * n
+                    t_pos += list(range(end - n, end))
+                    t_ids.append(self.targets[i])
+                    t_owner += [j] * n
+                    t_norm += [float(n)] * n
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        return {
+            "enc": enc,
+            "rows": as_long(rows), "idxs": as_long(idxs), "owner": as_long(owner),
+            "first_rows": as_long([j * per for j in range(len(which))]),
+            "kl_rows": as_long([j * per + per - 1 for j in range(len(which))]),
+            "t_rows": as_long(t_rows), "t_pos": as_long(t_pos), "t_ids": torch.cat(t_ids),
+            "t_owner": as_long(t_owner), "t_norm": torch.tensor(t_norm, device=device),
+        }
+
+
+def compute_zs(
+    model: torch.nn.Module,
+    tok: Any,
+    requests: Sequence[Mapping[str, Any]],
+    hparams: Any,
+    layer: int,
+    context_templates: Sequence[Sequence[str]],
+    chunk: int = 16,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """Target vectors v* = h + δ at ``layer`` for every request, optimised together (see module docstring).
+
+    :param requests: easyeditor-normalised requests (``prompt`` with ``{}``, ``target_new`` with its space).
+    :param chunk: requests per forward pass (bounds activation memory; results do not depend on it).
+    :returns: one [d] tensor per request, in order.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of requests per forward pass, got {chunk!r}")
+    if not requests:
+        return []
+    device = next(model.parameters()).device
+    prep = _Prepared(tok, requests, hparams, context_templates, device)
+    loss_layer = max(int(hparams.v_loss_layer), layer)
+    layer_mod = _module(model, hparams.layer_module_tmp.format(layer))
+    loss_mod = _module(model, hparams.layer_module_tmp.format(loss_layer))
+    ln_f = _module(model, hparams.ln_f_module)
+    out_emb = model.get_output_embeddings()
+    lm_w, lm_b = _lm_head(model, hparams)
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    n = len(requests)
+    d = int(getattr(model.config, "n_embd", None) or model.config.hidden_size)
+    delta = torch.zeros((n, d), device=device, requires_grad=True)
+    target_init = torch.zeros((n, d), device=device)
+    kl_init: list[Optional[torch.Tensor]] = [None] * n
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    max_norm = None
+    active = list(range(n))
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    state: dict[str, Any] = {}
+
+    def at_layer(_m: Any, _inp: Any, out: Any) -> Any:
+        h = _hidden(out)
+        b = state["b"]
+        if state["record"]:
+            target_init[state["which"]] = h[b["first_rows"], b["idxs"][b["first_rows"]]].detach()
+        add = torch.zeros_like(h)
+        add = add.index_put((b["rows"], b["idxs"]), delta[state["which"]][b["owner"]], accumulate=True)
+        h = h + add
+        out = _replace_hidden(out, h)
+        if loss_layer == layer:
+            state["loss_h"] = h
+        return out
+
+    def at_loss(_m: Any, _inp: Any, out: Any) -> None:
+        state["loss_h"] = _hidden(out)
+
+    def at_norm(_m: Any, _inp: Any, out: Any) -> None:
+        state["normed"] = out
+
+    hooks = [layer_mod.register_forward_hook(at_layer), ln_f.register_forward_hook(at_norm)]
+    if loss_layer != layer:
+        hooks.append(loss_mod.register_forward_hook(at_loss))
+    bar = tqdm(total=int(hparams.v_num_grad_steps), desc=f"z ({n} requests)", leave=False, disable=not progress)
+    try:
+        for it in range(int(hparams.v_num_grad_steps)):
+            opt.zero_grad()
+            done_now: list[int] = []
+            for start in range(0, len(active), chunk):
+                which = active[start:start + chunk]
+                b = prep.batch(tok, which, device)
+                state.update(b=b, which=torch.tensor(which, device=device), record=(it == 0))
+                kwargs = {"logits_to_keep": 1} if keep_arg else {}
+                model(**b["enc"], use_cache=False, **kwargs)
+                normed = state.pop("normed")
+                kl_logits = out_emb(normed[b["kl_rows"], b["idxs"][b["kl_rows"]]])
+                kl_logp = torch.log_softmax(kl_logits, dim=-1)
+                h = state.pop("loss_h")[b["t_rows"], b["t_pos"]]
+                logp = torch.log_softmax(ln_f(h) @ lm_w.T + lm_b, dim=-1)
+                tok_lp = logp.gather(1, b["t_ids"].unsqueeze(1)).squeeze(1) / b["t_norm"]
+                nll = torch.zeros(len(which), device=device).index_add(0, b["t_owner"], -tok_lp) / prep.n_rewrite
+                if it == 0:
+                    for j, i in enumerate(which):
+                        kl_init[i] = kl_logp[j].detach().clone()
+                init = torch.stack([kl_init[i] for i in which])
+                # kl_div(input=init, target=current, log_target) as easyeditor calls it, per request.
+                kl = hparams.kl_factor * (kl_logp.exp() * (kl_logp - init)).sum(-1)
+                rows = delta[which]
+                wd = hparams.v_weight_decay * rows.norm(dim=1) / target_init[which].norm(dim=1) ** 2
+                loss = nll + kl + wd
+                finished = (loss < STOP_LOSS).tolist()
+                done_now += [i for i, f in zip(which, finished) if f]
+                last = it == int(hparams.v_num_grad_steps) - 1
+                if not last:
+                    # Stopped requests contribute no gradient; the rest are independent, so summing is exact.
+                    keep = torch.tensor([not f for f in finished], device=device)
+                    (loss * keep).sum().backward()
+            bar.update(1)
+            active = [i for i in active if i not in set(done_now)]
+            bar.set_postfix(active=len(active))
+            if it == int(hparams.v_num_grad_steps) - 1 or not active:
+                break
+            frozen = delta.detach().clone()
+            opt.step()
+            with torch.no_grad():
+                moving = torch.zeros(n, dtype=torch.bool, device=device)
+                moving[active] = True
+                delta[~moving] = frozen[~moving]
+                if max_norm is None:
+                    max_norm = hparams.clamp_norm_factor * target_init.norm(dim=1)
+                norms = delta.norm(dim=1)
+                over = moving & (norms > max_norm)
+                delta[over] = delta[over] * (max_norm[over] / norms[over]).unsqueeze(1)
+    finally:
+        bar.close()
+        for hk in hooks:
+            hk.remove()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    targets = (target_init + delta).detach()
+    return [targets[i] for i in range(n)]

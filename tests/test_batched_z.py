@@ -1,0 +1,108 @@
+"""Batched z optimisation against easyeditor's own compute_z, and the `batched_z:` hparams switch."""
+import pytest
+import torch
+
+from revive_plugin.adapters import batched_z as bz
+from revive_plugin.adapters import compat, easyedit
+from revive_plugin.adapters.compat import import_easyeditor
+from revive_plugin.adapters.models import load_model
+
+from test_easyedit import MEMIT, editor_for, edited_weights, enabled, load, write_hparams  # noqa: F401
+
+TEMPLATES = [["{}"], ["The day began. {}", "I think that {}"]]
+REQUESTS = [
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": " English"},
+    {"prompt": "The capital of {} is", "subject": "Italy", "target_new": " Paris"},
+    {"prompt": "{} plays the", "subject": "Miles Davis", "target_new": " violin"},
+]
+
+
+@pytest.fixture
+def model_tok(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir), padding_side="right")
+    return model, tok
+
+
+#: z at layer 0, loss at layer 1. (With loss layer = z layer easyeditor's TraceDict hooks the same module twice
+#: and adds δ twice; the batched path adds it once, as intended, so that case is not compared.)
+Z_LAYER = 0
+
+
+def hparams(tmp_path, tiny_model_dir, **extra):
+    return load("MEMIT", write_hparams(tmp_path, {**MEMIT, "layers": [0], "v_loss_layer": 1, **extra},
+                                       tiny_model_dir))
+
+
+def original_z(model, tok, request, hp, layer):
+    compute_z = import_easyeditor("easyeditor.models.memit.compute_z").compute_z
+    with compat.cuda_redirect(torch.device("cpu")):
+        return compute_z(model, tok, dict(request), hp, layer, TEMPLATES)
+
+
+def test_batched_equals_easyeditor_request_by_request(tmp_path, enabled, model_tok, tiny_model_dir):
+    model, tok = model_tok
+    hp = hparams(tmp_path, tiny_model_dir, v_num_grad_steps=6)
+    expected = [original_z(model, tok, r, hp, Z_LAYER).detach() for r in REQUESTS]
+    for chunk in (1, 2, 16):  # chunking changes shapes, not results
+        got = bz.compute_zs(model, tok, REQUESTS, hp, Z_LAYER, TEMPLATES, chunk=chunk, progress=False)
+        for e, g in zip(expected, got):
+            assert torch.allclose(e, g, rtol=1e-4, atol=1e-5), (chunk, float((e - g).abs().max()))
+    # The optimisation moved every vector (a test that cannot pass with δ = 0).
+    init = bz.compute_zs(model, tok, REQUESTS, hparams(tmp_path, tiny_model_dir, v_num_grad_steps=1),
+                         Z_LAYER, TEMPLATES, progress=False)
+    assert all(float((g - i).norm()) > 1e-3 for g, i in zip(got, init))
+
+
+def test_a_stopped_request_is_frozen_and_the_others_go_on(tmp_path, enabled, model_tok, tiny_model_dir, monkeypatch):
+    model, tok = model_tok
+    hp = hparams(tmp_path, tiny_model_dir, v_num_grad_steps=8)
+    free = bz.compute_zs(model, tok, REQUESTS, hp, Z_LAYER, TEMPLATES, progress=False)
+    # A threshold between the requests' losses stops some early: each must still equal its solo run.
+    alone_free = [bz.compute_zs(model, tok, [r], hp, Z_LAYER, TEMPLATES, progress=False)[0] for r in REQUESTS]
+    monkeypatch.setattr(bz, "STOP_LOSS", 8.5)
+    stopped = bz.compute_zs(model, tok, REQUESTS, hp, Z_LAYER, TEMPLATES, progress=False)
+    alone = [bz.compute_zs(model, tok, [r], hp, Z_LAYER, TEMPLATES, progress=False)[0] for r in REQUESTS]
+    for a, s in zip(alone, stopped):
+        assert torch.allclose(a, s, rtol=1e-4, atol=1e-5)
+    for a, f in zip(alone_free, free):
+        assert torch.allclose(a, f, rtol=1e-4, atol=1e-5)
+    differs = [not torch.allclose(s, f, atol=1e-5) for s, f in zip(stopped, free)]
+    assert any(differs), "the threshold stopped nothing: the test would not see a freezing bug"
+
+
+def test_yaml_switch_runs_memit_with_batched_z(tmp_path, enabled, tiny_model_dir, monkeypatch):
+    calls = []
+    main = import_easyeditor("easyeditor.models.memit.memit_main")
+    original = main.compute_z
+    monkeypatch.setattr(main, "compute_z", lambda *a, **k: calls.append(1) or original(*a, **k))
+    batch = dict(prompts=["The mother tongue of Danielle Darrieux is", "The capital of Italy is"],
+                 target_new=["English", "Paris"], ground_truth=["French", "Rome"],
+                 subject=["Danielle Darrieux", "Italy"])
+    results = {}
+    for name, extra in (("easyeditor", {}), ("batched", {"batched_z": {"chunk": 1}})):
+        hp = hparams(tmp_path, tiny_model_dir, **extra)
+        torch.manual_seed(0)
+        editor = editor_for(hp)
+        weights = edited_weights(editor, hp)
+        w0 = {n: w.detach().clone() for n, w in weights.items()}
+        calls.clear()
+        editor.batch_edit(**batch, keep_original_weight=False, verbose=False)
+        results[name] = ({n: w.detach() - w0[n] for n, w in weights.items()}, len(calls))
+    (plain, plain_calls), (batched, batched_calls) = results["easyeditor"], results["batched"]
+    assert plain_calls == 2 and batched_calls == 0  # easyeditor's compute_z never ran on the batched path
+    assert main.compute_z is not None and main.compute_z.__name__ == "<lambda>"  # restored after the step
+    for n in plain:
+        assert float(plain[n].norm()) > 0
+        assert torch.allclose(plain[n], batched[n], rtol=1e-3, atol=1e-5 * float(plain[n].abs().max()))
+
+
+@pytest.mark.parametrize("value", [0, "yes", {"chunk": 0}, {"chunks": 4}, {"chunk": True}])
+def test_bad_batched_z_block_is_named(tmp_path, enabled, tiny_model_dir, value):
+    with pytest.raises(ValueError, match=r"batched_z must be true, false or \{chunk: N\}"):
+        load("MEMIT", write_hparams(tmp_path, {**MEMIT, "batched_z": value}, tiny_model_dir))
+
+
+def test_chunk_must_be_positive(tmp_path, enabled, model_tok, tiny_model_dir):
+    model, tok = model_tok
+    with pytest.raises(ValueError, match="chunk must be a positive"):
+        bz.compute_zs(model, tok, REQUESTS, hparams(tmp_path, tiny_model_dir), Z_LAYER, TEMPLATES, chunk=0)
