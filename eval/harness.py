@@ -40,6 +40,7 @@ class RunConfig:
     model: Optional[str] = None                    # overrides the hparams' model_name
     hparams_overrides: dict = field(default_factory=dict)
     transforms: list = field(default_factory=list)  # plugin names applied to each delta, in order ([] = none)
+    batched_z: Any = None                          # MEMIT z optimisation: None = as the hparams say; true/false/{chunk: N}
     revive: dict = field(default_factory=dict)     # the revive block when "revive" is in transforms
     dataset: str = "counterfact"                   # counterfact | zsre
     data: Optional[str] = None                     # data file; None: the shipped sample
@@ -69,6 +70,10 @@ class RunConfig:
             raise ValueError(f"transforms must be a list of plugin names, got {self.transforms!r}")
         if "revive" in self.transforms:
             ReviveConfig.from_dict(self.revive)
+        if self.batched_z is not None:
+            from revive_plugin.adapters.easyedit import batched_z_options
+
+            batched_z_options(self.batched_z, source="run config")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> "RunConfig":
@@ -232,7 +237,14 @@ class Run:
             setattr(hp, key, value)
         if self.config.model:
             hp.model_name = self.config.model
+        from revive_plugin.adapters.easyedit import BATCHED_Z_BLOCK, batched_z_options
+
         configs = {}
+        z = getattr(hp, PLUGIN_CONFIGS_ATTR, {}).get(BATCHED_Z_BLOCK)  # the hparams file's choice
+        if self.config.batched_z is not None:
+            z = batched_z_options(self.config.batched_z, source="run config")
+        if z:
+            configs[BATCHED_Z_BLOCK] = z
         for name in self.config.transforms:
             configs[name] = dict(self.config.revive) if name == "revive" else {}
         if self.config.transforms:
@@ -337,6 +349,18 @@ class Run:
                 row[f"spectral/{t.name}/{k}"] = v
         return row
 
+    def _record_resources(self, done: int, host: Any, clock: dict) -> None:
+        """Append memory and time since the previous checkpoint of this session to ``resources.jsonl``."""
+        from .resources import peak_rss_mb, rss_mb
+
+        row = {"edits": done, "rss_mb": round(rss_mb(), 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+               "edit_seconds": round(host.seconds["edit"] - clock["host"]["edit"], 3),
+               "filter_seconds": round(host.seconds["transform"] - clock["host"]["transform"], 3),
+               "eval_seconds": round(clock["eval"], 3)}
+        clock["host"] = dict(host.seconds)
+        with (self.run_dir / "resources.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
     def execute(self, stop_after: Optional[int] = None) -> Path:
         """Run (or continue) to ``config.edits``; ``stop_after`` ends early after that many edits (tests)."""
         from revive_plugin.adapters.compat import import_easyeditor
@@ -363,6 +387,7 @@ class Run:
             probe = GlueProbe(cfg.glue["tasks"], n_per_task=cfg.glue.get("n_per_task", 50), seed=cfg.seed,
                               few_shot=cfg.glue.get("few_shot", 0), data_dir=cfg.glue.get("dir"))
         metrics_path = self.run_dir / "metrics.jsonl"
+        clock = {"host": dict(host.seconds), "eval": 0.0}
         if self.ckpt_dir.exists():
             done, monitor, state = self._load(model, hp, host)
             rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
@@ -372,6 +397,7 @@ class Run:
             print(f"[revive] resuming {self.run_dir} at {done}/{cfg.edits} edits")
         else:
             done = 0
+            began = time.perf_counter()
             monitor = ReviveFilter(ReviveConfig(tau=cfg.monitor_tau))
             for t in target_weights(model, hp):
                 if t.view().ndim == 2:
@@ -382,6 +408,8 @@ class Run:
             row = self._evaluate(0, model, tok, hp, cases, probe, monitor, state)
             metrics_path.write_text(json.dumps(row) + "\n")
             self._save(0, model, hp, host, monitor, {k: state[k] for k in ("pre_locality", "glue_baseline") if k in state})
+            clock["eval"] = time.perf_counter() - began
+            self._record_resources(0, host, clock)
         extra = {k: state[k] for k in ("pre_locality", "glue_baseline") if k in state}
         target = cfg.edits if stop_after is None else min(cfg.edits, stop_after)
         evaluated = {json.loads(line)["edits"] for line in metrics_path.read_text().splitlines() if line.strip()}
@@ -391,11 +419,14 @@ class Run:
             while True:
                 # Evaluate before editing on: a run interrupted during a checkpoint's evaluation redoes it.
                 if (done % cfg.eval_every == 0 or done == cfg.edits) and done not in evaluated:
+                    began = time.perf_counter()
                     row = self._evaluate(done, model, tok, hp, cases, probe, monitor, state)
                     with metrics_path.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
                     evaluated.add(done)
+                    clock["eval"] = time.perf_counter() - began
                     self._save(done, model, hp, host, monitor, extra)
+                    self._record_resources(done, host, clock)
                     write_report(self.run_dir)
                 if done >= target:
                     break

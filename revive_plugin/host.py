@@ -9,6 +9,8 @@ import importlib
 import inspect
 import os
 import re
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
@@ -24,6 +26,8 @@ DEFAULT_PLUGINS: dict[str, str] = {"revive": "revive_plugin.plugins.revive"}
 
 #: Comma-separated plugin names: only these load (empty: none). Unset: every discovered plugin loads.
 PLUGINS_ENV = "EASYEDIT_PLUGINS"
+#: Step records a host keeps (the most recent ones).
+HISTORY_LIMIT = 1000
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")
 
@@ -120,6 +124,8 @@ class StepRecord:
     changed: list[str] = field(default_factory=list)
     transformed: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    edit_seconds: float = 0.0        # the editor's own run
+    transform_seconds: float = 0.0   # the delta chain and write-back (the plugins' cost)
 
 
 class PluginHost:
@@ -134,7 +140,9 @@ class PluginHost:
         self.order = list(order) if order else []
         self.state: dict[str, Any] = {}
         self.step = 0
-        self.history: list[StepRecord] = []
+        # The latest records only: a 20,000-edit run must not grow memory with its history.
+        self.history: deque[StepRecord] = deque(maxlen=HISTORY_LIMIT)
+        self.seconds = {"edit": 0.0, "transform": 0.0}  # totals over this host's steps
 
     # -- the delta chain -------------------------------------------------------------------------
     def transform_chain(self, order: Optional[Sequence[str]] = None) -> list[tuple[str, Callable[..., Any]]]:
@@ -205,11 +213,14 @@ class PluginHost:
 
         views = {t.name: t.view(before[t.name]) for t in targets}
         self.pm.hook.easyedit_edit_step_start(context=ctx, weights=views)
+        started = time.perf_counter()
         try:
             result = run()
         except BaseException:
             restore()
             raise
+        record.edit_seconds = time.perf_counter() - started
+        started = time.perf_counter()
         try:
             finals: dict[str, torch.Tensor] = {}
             chain = None  # resolved once per step, at the first delta that needs it
@@ -245,6 +256,9 @@ class PluginHost:
             if isinstance(e, Exception):
                 raise EditRejected(f"edit step {self.step} of {editor} failed after the editor ran: {e}") from e
             raise
+        record.transform_seconds = time.perf_counter() - started
+        self.seconds["edit"] += record.edit_seconds
+        self.seconds["transform"] += record.transform_seconds
         self.step += 1
         self.history.append(record)
         return result, record

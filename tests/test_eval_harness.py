@@ -52,6 +52,8 @@ def test_overrides_and_validation():
         RunConfig.from_dict({"name": "x", "hparams": "h", "edit_count": 3})
     with pytest.raises(ValueError, match="revive.tau"):
         RunConfig(name="x", hparams="h", transforms=["revive"], revive={"tau": 3})
+    with pytest.raises(ValueError, match=r"run config: batched_z must be true, false or \{chunk: N\}"):
+        RunConfig(name="x", hparams="h", batched_z={"chunk": -1})
 
 
 def test_shipped_configs_load():
@@ -68,6 +70,10 @@ def test_schedule_resume_equals_uninterrupted(run_config):
     assert "efficacy_score" in r1[-1] and r1[-1]["facts_evaluated"] == 4
     assert r1[-1]["fluency_prompts"] == 4 and r1[-1]["fluency"] >= 0.0
     assert any(k.startswith("spectral/") and k.endswith("/ls") for k in r1[-1])
+    res = [json.loads(line) for line in (straight / "resources.jsonl").read_text().splitlines()]
+    assert [r["edits"] for r in res] == [0, 2, 4]
+    assert res[0]["edit_seconds"] == 0 and all(r["edit_seconds"] > 0 and r["filter_seconds"] > 0 for r in res[1:])
+    assert all(0 < r["rss_mb"] <= r["peak_rss_mb"] + 1 and r["eval_seconds"] > 0 for r in res)
 
     part = Run.start(run_config("resumed"))
     part.execute(stop_after=2)
@@ -147,3 +153,16 @@ def test_cli_eval_and_compare(run_config, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "cmp")]) == 0
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "cli-a" in text and "cli-b" in text and (tmp_path / "cmp" / "editing.png").exists()
+
+
+def test_batched_z_from_the_run_config(run_config, monkeypatch):
+    from revive_plugin.adapters.compat import import_easyeditor
+
+    main_mod = import_easyeditor("easyeditor.models.memit.memit_main")
+    calls = []
+    original = main_mod.compute_z
+    monkeypatch.setattr(main_mod, "compute_z", lambda *a, **k: calls.append(1) or original(*a, **k))
+    done = Run.start(run_config("batched", batched_z=True, edits=2)).execute()
+    assert [r["edits"] for r in rows(done)] == [0, 2]
+    assert rows(done)[-1]["facts_evaluated"] == 2
+    assert calls == []  # easyeditor's per-request compute_z was replaced for the whole run
