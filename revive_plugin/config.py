@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
 BASES = ("original", "current")
+SVD_METHODS = ("full", "randomized")  # how protected_basis computes Uₖ, Vₖ
 
 LayerSelector = Union[int, str]
 
@@ -21,12 +22,15 @@ class ReviveConfig:
     layers:  optional subset to filter: parameter names (exact, or a module name prefix) and/or layer
              indices; None filters every edited weight.
     enabled: False turns the filter into a no-op without removing the block.
+    svd:     "full" (exact SVD) or "randomized" (exact σ for k, then a seeded randomized range finder for
+             Uₖ, Vₖ; faster where k ≪ min(m, n), e.g. 4096×14336 weights at τ = 0.1).
     """
 
     tau: float = 0.1
     basis: str = "original"
     layers: Optional[tuple[LayerSelector, ...]] = None
     enabled: bool = True
+    svd: str = "full"
 
     def __post_init__(self) -> None:
         tau = self.tau
@@ -35,6 +39,8 @@ class ReviveConfig:
         object.__setattr__(self, "tau", float(tau))
         if self.basis not in BASES:
             raise ValueError(f"revive.basis must be one of {list(BASES)}, got {self.basis!r}")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"revive.svd must be one of {list(SVD_METHODS)}, got {self.svd!r}")
         if not isinstance(self.enabled, bool):
             raise ValueError(f"revive.enabled must be true or false, got {self.enabled!r}")
         if self.layers is not None:

@@ -39,7 +39,7 @@ class ReviveFilter:
         """Cache W₀'s basis for ``name`` at first sight (no-op afterwards); returns it."""
         basis = self._reference.get(name)
         if basis is None:
-            basis = protected_basis(weight, self.config.tau)
+            basis = protected_basis(weight, self.config.tau, self.config.svd)
             self._reference[name] = basis
         elif tuple(weight.shape) != (basis.u.shape[0], basis.v.shape[0]):
             raise ValueError(
@@ -53,7 +53,7 @@ class ReviveFilter:
         reference = self.observe(name, weight)
         if self.config.basis == "original":
             return reference
-        return protected_basis(weight, self.config.tau)
+        return protected_basis(weight, self.config.tau, self.config.svd)
 
     def reconfigured(self, config: ReviveConfig) -> "ReviveFilter":
         """A filter with ``config`` that keeps this one's W₀ bases when τ (and so every k) is unchanged."""

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import SVD_METHODS
+
 # Below this many entries the SVD runs in float64: cheap, and exact enough to test projector identities.
 _FLOAT64_MAX_NUMEL = 1 << 20
 
@@ -69,17 +71,36 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def protected_basis(weight: torch.Tensor, tau: float = 0.1) -> ProtectedBasis:
+def protected_basis(weight: torch.Tensor, tau: float = 0.1, method: str = "full") -> ProtectedBasis:
     """Top-k singular subspace of ``weight`` (out×in) with k = energy_rank(σ, tau).
 
     Computed in float32 at least (float64 for small matrices); only Uₖ, Vₖ are kept.
+
+    ``method="randomized"``: σ from ``svdvals`` (k needs the whole spectrum's mass), then Uₖ, Vₖ from a
+    seeded randomized range finder (``torch.svd_lowrank``, k + oversampling columns, 4 power iterations).
+    Worth it where k ≪ min(m, n); when k is over a quarter of min(m, n) the full SVD is used instead.
+    The projection stays exact for the basis it returns; how close that basis is to the exact one depends
+    on the spectral gap at k (see tests/test_spectral.py for the accuracy check).
     """
     tau = _check_tau(tau)
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd method must be one of {list(SVD_METHODS)}, got {method!r}")
     if weight.ndim != 2:
         raise ValueError(f"weight must be a 2-D matrix (out×in), got shape {tuple(weight.shape)}")
     if not torch.isfinite(weight).all():
         raise ValueError("weight has non-finite entries; cannot compute its singular subspace")
     w = weight.detach().to(_compute_dtype(weight))
+    if method == "randomized":
+        s_all = torch.linalg.svdvals(w)
+        k = energy_rank(s_all, tau)
+        if 0 < k <= min(w.shape) // 4:
+            q = min(min(w.shape), k + max(10, k // 5))
+            # svd_lowrank draws from the global generator: seed a private one so runs stay reproducible.
+            with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+                torch.manual_seed(0)
+                u, s, v = torch.svd_lowrank(w, q=q, niter=4)
+            return ProtectedBasis(u=u[:, :k].contiguous(), v=v[:, :k].contiguous(), k=k, tau=tau,
+                                  singular_values=s_all[:k].clone())
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     k = energy_rank(s, tau)
     return ProtectedBasis(

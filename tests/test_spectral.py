@@ -201,3 +201,53 @@ def test_reconfigured_keeps_bases_only_for_same_tau():
     f.observe("a", w)
     assert f.reconfigured(ReviveConfig(tau=0.2, basis="current")).reference("a") is f.reference("a")
     assert f.reconfigured(ReviveConfig(tau=0.5)).reference("a") is None
+
+
+def decaying(m, n, seed=0):
+    r = min(m, n)
+    sigma = torch.arange(1, r + 1, dtype=torch.float64) ** -0.7 + 0.05
+    return matrix_with_spectrum(sigma, m, n, seed=seed)[0]
+
+
+@pytest.mark.parametrize("m,n,tau", [(300, 800, 0.1), (800, 300, 0.05), (576, 1536, 0.1)])
+def test_randomized_basis_matches_the_exact_subspace(m, n, tau):
+    w = decaying(m, n).float()
+    exact = protected_basis(w, tau)
+    fast = protected_basis(w, tau, method="randomized")
+    assert fast.k == exact.k and 0 < exact.k <= min(m, n) // 4
+    # Same k from the exact spectrum, and the subspaces agree (cosines of principal angles near 1).
+    assert torch.allclose(fast.singular_values, exact.singular_values)
+    cos_u = torch.linalg.svdvals(exact.u.double().T @ fast.u.double())
+    cos_v = torch.linalg.svdvals(exact.v.double().T @ fast.v.double())
+    assert float(cos_u.min()) > 0.99 and float(cos_v.min()) > 0.99
+    # Orthonormal factors: the filter with the randomized basis is still an exact projector for that basis.
+    eye = torch.eye(fast.k, dtype=fast.u.dtype)
+    assert torch.allclose(fast.u.T @ fast.u, eye, atol=1e-5) and torch.allclose(fast.v.T @ fast.v, eye, atol=1e-5)
+    delta = torch.randn(m, 4) @ torch.randn(4, n)
+    from revive_plugin.spectral import project_out
+
+    safe_fast, safe_exact = project_out(delta, fast), project_out(delta, exact)
+    assert float((fast.u.T.double() @ safe_fast.double()).abs().max()) < 1e-4 * float(delta.abs().max())
+    assert float((safe_fast - safe_exact).norm() / safe_exact.norm()) < 0.05
+
+
+def test_randomized_is_reproducible_and_leaves_the_global_rng_alone():
+    w = decaying(200, 500).float()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = protected_basis(w, 0.1, method="randomized")
+    assert torch.equal(torch.get_rng_state(), before)
+    b = protected_basis(w, 0.1, method="randomized")
+    assert torch.equal(a.u, b.u) and torch.equal(a.v, b.v)
+
+
+def test_randomized_falls_back_to_full_svd_when_k_is_large():
+    w = decaying(60, 80).float()
+    full, fast = protected_basis(w, 0.9), protected_basis(w, 0.9, method="randomized")
+    assert fast.k > 60 // 4 and torch.equal(full.u, fast.u)
+    with pytest.raises(ValueError, match=r"svd method must be one of \['full', 'randomized'\]"):
+        protected_basis(w, 0.1, method="lanczos")
+    with pytest.raises(ValueError, match=r"revive.svd must be one of"):
+        ReviveConfig(svd="fast")
+    f = ReviveFilter(ReviveConfig(tau=0.1, svd="randomized"))
+    assert f.observe("w", decaying(200, 500).float()).k >= 1

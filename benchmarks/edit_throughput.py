@@ -1,0 +1,68 @@
+"""Edit throughput: sequential MEMIT edits per hour on SmolLM2, easyeditor's compute_z vs the batched z path.
+
+Both runs start from the same pre-edit weights, edit the same CounterFact requests in the same batches with
+the same hparams and context templates, and are then scored on those facts (efficacy, generalization,
+specificity) by the harness's evaluator. Only ``compute_z`` differs.
+
+    python benchmarks/edit_throughput.py [--requests 20] [--batch 10] [--z-steps 25] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from common import apply_edits, counterfact_cases, edited_weights, machine, markdown_table, memit_editor, restore
+
+
+def run(requests: int = 20, batch: int = 10, z_steps: int | None = None, chunk: int = 16) -> dict:
+    from revive_plugin.eval.harness import evaluate_facts
+
+    editor, model, tok, hp = memit_editor(z_steps)
+    cases = counterfact_cases(requests)
+    w0 = edited_weights(model, hp)
+    results = {}
+    for mode, configs in (("easyeditor", {}), ("batched", {"batched_z": {"chunk": chunk}})):
+        restore(model, w0)
+        started = time.perf_counter()
+        for i in range(0, requests, batch):
+            apply_edits(editor, hp, [c.to_request() for c in cases[i:i + batch]], configs)
+        seconds = time.perf_counter() - started
+        facts = evaluate_facts(model, tok, cases)
+        results[mode] = {"seconds": seconds, "edits_per_hour": requests / seconds * 3600,
+                         "efficacy": facts["efficacy_score"], "generalization": facts["generalization_score"],
+                         "specificity": facts["specificity_score"]}
+    restore(model, w0)
+    results["speedup"] = results["batched"]["edits_per_hour"] / results["easyeditor"]["edits_per_hour"]
+    results["setup"] = {"requests": requests, "batch": batch, "z_steps": int(hp.v_num_grad_steps), "chunk": chunk,
+                        "machine": machine()}
+    return results
+
+
+def report(r: dict) -> str:
+    rows = [[mode, r[mode]["seconds"], r[mode]["edits_per_hour"], r[mode]["efficacy"], r[mode]["generalization"],
+             r[mode]["specificity"]] for mode in ("easyeditor", "batched")]
+    s = r["setup"]
+    return (f"Edit throughput: {s['requests']} CounterFact requests in batches of {s['batch']}, "
+            f"{s['z_steps']} z steps, chunk {s['chunk']}\n"
+            + markdown_table(["compute_z", "seconds", "edits/hour", "efficacy", "generalization", "specificity"], rows)
+            + f"\nbatched / easyeditor edits per hour: {r['speedup']:.2f}x (target ≥ 5x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--z-steps", type=int, default=None, help="default: the hparams file's v_num_grad_steps")
+    parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    r = run(args.requests, args.batch, args.z_steps, args.chunk)
+    print(report(r))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Memory over a long run: RSS at each checkpoint of a sequential-editing run of the harness on SmolLM2.
+
+Runs ``revive eval`` (the Python API underneath) with REVIVE on, checkpoints every ``--every`` edits, and reads
+the run's ``resources.jsonl``: resident and peak RSS at each checkpoint. Flat means the RSS after the first
+post-edit checkpoint does not grow with the number of edits (no accumulating snapshots, graphs or caches).
+
+The editor is FT on one layer (2 steps per batch of 100): cheap enough for 1,000 edits on a CPU in minutes,
+and it goes through the same host, snapshots, REVIVE cache, checkpoints and evaluations as any other editor.
+
+    python benchmarks/long_run_memory.py [--edits 1000] [--every 100] [--data PATH] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from common import ROOT, machine, markdown_table
+
+SHARED_COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_mend.json.gz"
+
+
+def run(edits: int = 1000, every: int = 100, batch: int = 100, data: Optional[str] = None) -> dict:
+    from revive_plugin.eval.datasets import load_counterfact
+    from revive_plugin.eval.harness import Run, RunConfig
+
+    if data is None and SHARED_COUNTERFACT.exists():
+        data = str(SHARED_COUNTERFACT)
+    available = len(load_counterfact(data, limit=None))
+    if available < edits:
+        print(f"only {available} CounterFact records available ({data or 'shipped sample'}): running {available} "
+              "edits; pass --data for more")
+        edits = available - available % batch
+    out = Path(tempfile.mkdtemp(prefix="revive-memory-"))
+    config = RunConfig(
+        name="long-run-memory", hparams=str(ROOT / "hparams" / "FT" / "smollm2-135m.yaml"),
+        hparams_overrides={"num_steps": 2, "batch_size": batch}, transforms=["revive"],
+        revive={"tau": 0.1, "basis": "original"}, dataset="counterfact", data=data, edits=edits,
+        batch_size=batch, eval_every=every, eval_facts=20,
+        glue={"tasks": ["sst2", "rte"], "n_per_task": 10, "few_shot": 0, "dir": None},
+        fluency_prompts=2, fluency_tokens=10, output=str(out / "{name}"))
+    try:
+        run_dir = Run.start(config).execute()
+        rows = [json.loads(line) for line in (run_dir / "resources.jsonl").read_text().splitlines()]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    first = rows[1] if len(rows) > 1 else rows[0]
+    growth = {"rss_mb": rows[-1]["rss_mb"] - first["rss_mb"],
+              "peak_rss_mb": rows[-1]["peak_rss_mb"] - first["peak_rss_mb"]}
+    return {"rows": rows, "growth_after_first_checkpoint_mb": growth,
+            "growth_after_first_checkpoint_pct": {k: 100 * v / first[k] for k, v in growth.items()},
+            "setup": {"edits": edits, "every": every, "batch": batch, "data": data or "shipped sample",
+                      "machine": machine()}}
+
+
+def report(r: dict) -> str:
+    s = r["setup"]
+    rows = [[x["edits"], x["rss_mb"], x["peak_rss_mb"], x["edit_seconds"], x["filter_seconds"], x["eval_seconds"]]
+            for x in r["rows"]]
+    g, p = r["growth_after_first_checkpoint_mb"], r["growth_after_first_checkpoint_pct"]
+    return (f"Memory over a {s['edits']}-edit run (FT + REVIVE on SmolLM2, batches of {s['batch']}, "
+            f"checkpoint every {s['every']})\n"
+            + markdown_table(["edits", "RSS MiB", "peak RSS MiB", "editor s", "filter s", "eval s"], rows)
+            + f"\nfrom the first post-edit checkpoint to the last: RSS {g['rss_mb']:+.1f} MiB ({p['rss_mb']:+.2f}%), "
+              f"peak RSS {g['peak_rss_mb']:+.1f} MiB ({p['peak_rss_mb']:+.2f}%) (target: flat)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edits", type=int, default=1000)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--data")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    r = run(args.edits, args.every, args.batch, args.data)
+    print(report(r))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
