@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-quick clean
 
 install:
 	bash scripts/install.sh
@@ -17,7 +17,10 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
-	$(PY) benchmarks/filter_cost.py
+	cd benchmarks && $(abspath $(PY)) run_all.py
+
+bench-quick: install
+	cd benchmarks && $(abspath $(PY)) run_all.py --quick
 
 clean:
 	rm -rf build *.egg-info .pytest_cache

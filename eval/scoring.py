@@ -1,7 +1,9 @@
 """Batched teacher-forced log-probability scoring of (prompt, continuation) pairs under a causal LM.
 
-Every pair becomes one sequence ``prompt + continuation``; sequences are length-sorted, padded on the
-tokenizer's side with an attention mask and explicit position ids (so left padding gives the same
+Every pair becomes one sequence ``prompt + continuation`` — except a one-token continuation, read off
+its prompt's own forward pass, which is shared by all the targets scored after the same prompt (CounterFact
+scores every prompt against the new and the true object). Identical sequences run once. Sequences are
+length-sorted, padded on the tokenizer's side with an attention mask and explicit position ids (so left padding gives the same
 numbers as no padding), and run through the model ``batch_size`` at a time under
 ``torch.inference_mode()``. Only the continuation positions are turned into log-probabilities.
 """
@@ -146,26 +148,49 @@ def score_continuations(
             if len(ids) > max_positions:
                 raise ValueError(f"pair {i}: {len(ids)} tokens exceed the model's {max_positions} positions")
 
+    # What to run: one sequence per distinct token list, each with the (pair, position, target) picks read
+    # from its logits. A one-token continuation whose prompt tokenizes the same alone is read off the prompt's
+    # own forward pass (the logits at its last position are the same in the joined sequence: causal model),
+    # so a prompt scored against several one-token targets (new and true object) runs once.
+    _, n_suffix = special_affixes(tok)
+    seq_index: dict[tuple[int, ...], int] = {}
+    sequences: list[list[int]] = []
+    picks: list[list[tuple[int, int, int]]] = []   # per sequence: (pair, position, target id)
+    for i, ((ids, start), prompt) in enumerate(zip(encoded, prompts)):
+        seq = ids
+        if len(ids) - start == 1:
+            alone = list(encode(tok, prompt))
+            if n_suffix:
+                alone = alone[:-n_suffix]
+            if alone == ids[:start]:
+                seq = ids[:start]
+        key = tuple(seq)
+        if key not in seq_index:
+            seq_index[key] = len(sequences)
+            sequences.append(list(seq))
+            picks.append([])
+        picks[seq_index[key]] += [(i, start - 1 + j, ids[start + j]) for j in range(len(ids) - start)]
+
     params = _forward_params(model)
     device = _model_device(model)
     fill = pad_id(tok)
     # Longest first: similar lengths share a batch (less padding), and an out-of-memory shows up at once.
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    results: list[TokenScores | None] = [None] * len(encoded)
+    order = sorted(range(len(sequences)), key=lambda q: -len(sequences[q]))
+    per_pair: list[list[tuple[int, float, int, int]]] = [[] for _ in encoded]  # (position, logprob, argmax, target)
 
     with _eval_mode(model), torch.inference_mode():
         batches = range(0, len(order), batch_size)
         for b0 in tqdm(batches, desc=progress, unit="batch", disable=progress is None, leave=False):
             idx = order[b0:b0 + batch_size]
-            seqs = [encoded[i][0] for i in idx]
-            width = max(len(s) for s in seqs)
+            seqs = [sequences[q] for q in idx]
+            width = max(len(x) for x in seqs)
             input_ids = torch.full((len(idx), width), fill, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             offsets = []
-            for r, s in enumerate(seqs):
-                off = width - len(s) if side == "left" else 0
-                input_ids[r, off:off + len(s)] = torch.tensor(s)
-                mask[r, off:off + len(s)] = 1
+            for r, x in enumerate(seqs):
+                off = width - len(x) if side == "left" else 0
+                input_ids[r, off:off + len(x)] = torch.tensor(x)
+                mask[r, off:off + len(x)] = 1
                 offsets.append(off)
 
             kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
@@ -175,7 +200,7 @@ def score_continuations(
                 kwargs["use_cache"] = False
             # Logits only from the first position that predicts a continuation token: the LM head over
             # the whole padded batch would dominate memory (vocab x seq x batch).
-            first_needed = min(offsets[r] + encoded[i][1] - 1 for r, i in enumerate(idx))
+            first_needed = min(offsets[r] + min(p for _, p, _ in picks[q]) for r, q in enumerate(idx))
             if "logits_to_keep" in params:
                 kwargs["logits_to_keep"] = width - first_needed
             out = model(**kwargs)
@@ -183,32 +208,35 @@ def score_continuations(
             # Trust the returned shape, not the request: a wrapper may ignore logits_to_keep.
             shift = width - logits.shape[1]
 
-            rows, pos, tgt, spans = [], [], [], []
-            for r, i in enumerate(idx):
-                ids, start = encoded[i]
-                n = len(ids) - start
-                spans.append((len(tgt), n))
-                rows += [r] * n
-                pos += [offsets[r] + start - 1 + j - shift for j in range(n)]
-                tgt += ids[start:]
+            rows, pos, tgt, owners = [], [], [], []
+            for r, q in enumerate(idx):
+                for pair, position, target in picks[q]:
+                    rows.append(r)
+                    pos.append(offsets[r] + position - shift)
+                    tgt.append(target)
+                    owners.append((pair, position))
             picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(pos, device=logits.device)]
             logp = torch.log_softmax(picked.float(), dim=-1)
             target = torch.tensor(tgt, device=logits.device)
             tok_lp = logp.gather(1, target[:, None])[:, 0].cpu().tolist()
             argmax = picked.argmax(-1).cpu().tolist()
+            for (pair, position), lp, am, tg in zip(owners, tok_lp, argmax, tgt):
+                per_pair[pair].append((position, lp, am, tg))
 
-            for (s0, n), i in zip(spans, idx):
-                lps = tuple(tok_lp[s0:s0 + n])
-                am = tuple(argmax[s0:s0 + n])
-                tg = tuple(tgt[s0:s0 + n])
-                total = float(sum(lps))
-                results[i] = TokenScores(
-                    sum_logprob=total,
-                    mean_logprob=total / n,
-                    n_tokens=n,
-                    correct=tuple(a == t for a, t in zip(am, tg)),
-                    target_ids=tg,
-                    argmax_ids=am,
-                    token_logprobs=lps,
-                )
-    return results  # type: ignore[return-value]
+    results: list[TokenScores] = []
+    for tokens in per_pair:
+        tokens.sort()
+        lps = tuple(t[1] for t in tokens)
+        am = tuple(t[2] for t in tokens)
+        tg = tuple(t[3] for t in tokens)
+        total = float(sum(lps))
+        results.append(TokenScores(
+            sum_logprob=total,
+            mean_logprob=total / len(tokens),
+            n_tokens=len(tokens),
+            correct=tuple(a == t for a, t in zip(am, tg)),
+            target_ids=tg,
+            argmax_ids=am,
+            token_logprobs=lps,
+        ))
+    return results

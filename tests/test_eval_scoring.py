@@ -69,6 +69,27 @@ def test_batched_scores_equal_unpadded_reference(model, tok, side):
     assert tok.padding_side == side
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_one_token_targets_share_their_prompts_forward(model, tok, side):
+    tok.padding_side = side
+    prompts = [p for p in PROMPTS for _ in CONTS] + PROMPTS[:1]   # every prompt against every target, one twice
+    conts = [c for _ in PROMPTS for c in CONTS] + CONTS[:1]
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        scores = score_continuations(model, tok, prompts, conts, batch_size=4)
+    finally:
+        hook.remove()
+    single_token = sum(len(reference(model, tok, p, c)[0]) == 1 for p, c in zip(prompts, conts))
+    assert single_token >= len(PROMPTS) * 2  # the case this path exists for
+    assert sum(rows) < len(prompts)           # fewer sequences ran than pairs were scored
+    for s, p, c in zip(scores, prompts, conts):
+        targets, lps, argmax = reference(model, tok, p, c)
+        assert s.target_ids == tuple(targets)
+        assert list(s.token_logprobs) == pytest.approx(lps, abs=1e-4)
+        assert s.argmax_ids == tuple(argmax)
+
+
 def test_left_padding_with_absolute_position_embeddings(tok):
     """GPT-2 adds learned absolute positions, so left padding is only right if position ids skip the pads.
 

@@ -1,0 +1,100 @@
+"""`make bench`: run the performance figures, print them, and write docs/benchmarks.md from their results.
+
+Each figure's measured result goes to ``docs/benchmarks/<figure>.json``; ``docs/benchmarks.md`` is rebuilt
+from all the result files present, so figures can be re-measured one at a time (``--only``).
+
+    python benchmarks/run_all.py [--only overhead,filter,eval,memory,edits] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import edit_overhead
+import edit_throughput
+import eval_throughput
+import filter_cost
+import long_run_memory
+from common import ROOT, machine
+
+OUT = ROOT / "docs" / "benchmarks"
+DOC = ROOT / "docs" / "benchmarks.md"
+
+#: name: (title, module, full-size arguments, --quick arguments)
+FIGURES = {
+    "overhead": ("1. Filter overhead on a MEMIT edit step", edit_overhead,
+                 {"requests": 100, "z_steps": 3, "repeat": 3}, {"requests": 10, "z_steps": 2, "repeat": 1}),
+    "filter": ("2. Filter cost vs dense projectors, and the basis cache", filter_cost,
+               {"shapes": "576x1536,1600x6400,4096x14336"}, {"shapes": "576x1536,1600x6400"}),
+    "eval": ("3. Evaluation throughput", eval_throughput, {"records": 50}, {"records": 10}),
+    "memory": ("4. Memory over a long run", long_run_memory,
+               {"edits": 1000, "every": 100, "batch": 100}, {"edits": 40, "every": 20, "batch": 20}),
+    "edits": ("5. Edit throughput: batched z optimisation", edit_throughput,
+              {"requests": 20, "batch": 10}, {"requests": 4, "batch": 4, "z_steps": 4}),
+}
+
+
+def _spaced(text: str) -> str:
+    """A report with blank lines around its tables, so Markdown renders them."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if out and out[-1] and (line.startswith("|") != out[-1].startswith("|")):
+            out.append("")
+        out.append(line)
+    return "\n".join(out)
+
+
+def write_doc() -> None:
+    parts = ["# Benchmarks", "",
+             "Measured by `make bench` (`python benchmarks/run_all.py`); each section is rebuilt from "
+             "`docs/benchmarks/<figure>.json`, written by the run that measured it. Targets are those of the "
+             "performance issue; where one is not met the section says so and why.", ""]
+    for name, (title, module, _, _) in FIGURES.items():
+        path = OUT / f"{name}.json"
+        if not path.exists():
+            parts += [f"## {title}", "", "_not measured yet: `python benchmarks/run_all.py --only " + name + "`_", ""]
+            continue
+        saved = json.loads(path.read_text())
+        parts += [f"## {title}", "",
+                  f"Command: `{saved['command']}` — measured {saved['date']} in {saved['seconds']:.0f} s on "
+                  f"{saved['machine']}.", "", _spaced(module.report(saved["result"])), ""]
+        notes = OUT / f"{name}.md"
+        if notes.exists():
+            parts += [notes.read_text().strip(), ""]
+    DOC.write_text("\n".join(parts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated subset of {list(FIGURES)}")
+    parser.add_argument("--quick", action="store_true", help="small sizes (minutes, for a smoke run)")
+    args = parser.parse_args()
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        raise SystemExit(f"unknown figure(s) {unknown}; choose from {list(FIGURES)}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        title, module, full, quick = FIGURES[name]
+        print(f"\n== {title}", flush=True)
+        began = time.perf_counter()
+        result = module.run(**(quick if args.quick else full))
+        seconds = time.perf_counter() - began
+        print(module.report(result), flush=True)
+        if args.quick:
+            continue  # smoke sizes are not the documented figures
+        record = {"command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/run_all.py", "--only", name]),
+                  "date": date.today().isoformat(), "seconds": seconds, "machine": machine(), "result": result}
+        (OUT / f"{name}.json").write_text(json.dumps(record, indent=1))
+        write_doc()
+    if not args.quick:
+        print(f"\nwrote {DOC.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
