@@ -11,8 +11,10 @@ together, with the same objective, optimiser and stopping rule as easyeditor's, 
   trajectory it would alone; a request that stopped leaves the batch and its row is frozen;
 * exact savings, not approximations: the log-softmax is taken only at the target tokens (easyeditor takes it
   at every position of every prompt and discards the rest), the model's own logits are not materialised
-  (the KL row's logits come from the final norm through the output embeddings), and prompts of many requests
-  share one padded forward, in chunks of ``chunk`` requests so memory stays bounded.
+  (the KL row's logits come from the final norm through the output embeddings), prompts of many requests
+  share one padded forward, in chunks of ``chunk`` requests so memory stays bounded, and the positions before
+  each prompt's lookup token — which δ cannot reach in a causal model — are run once and kept as cached
+  keys/values, so each step runs only the rest of the prompt.
 
 Only ``compute_z`` is replaced; key computation, covariance and the update stay easyeditor's.
 """
@@ -120,6 +122,53 @@ class _Prepared:
         }
 
 
+def _split_at_lookup(b: dict[str, Any], fill: int) -> Optional[dict[str, Any]]:
+    """The batch as a left-padded prefix (tokens before each row's lookup token) and the rest.
+
+    δ enters at the lookup token, so in a causal model every position before it is the same at every step:
+    its keys and values are computed once (the prefix pass) and each step runs only the suffix on top of
+    them. Returns None when some row's lookup token is its first token (no prefix to cache).
+    """
+    ids, mask = b["enc"]["input_ids"], b["enc"]["attention_mask"]
+    idx, lens = b["idxs"], mask.sum(1)
+    if int(idx.min()) < 1:
+        return None
+    rows, width_p, width_s = ids.shape[0], int(idx.max()), int((lens - idx).max())
+    pre_ids = torch.full((rows, width_p), fill, dtype=ids.dtype, device=ids.device)
+    pre_mask = torch.zeros((rows, width_p), dtype=mask.dtype, device=ids.device)
+    suf_ids = torch.full((rows, width_s), fill, dtype=ids.dtype, device=ids.device)
+    suf_mask = torch.zeros((rows, width_s), dtype=mask.dtype, device=ids.device)
+    for r in range(rows):
+        i, n = int(idx[r]), int(lens[r])
+        pre_ids[r, width_p - i:] = ids[r, :i]
+        pre_mask[r, width_p - i:] = 1
+        suf_ids[r, :n - i] = ids[r, i:n]
+        suf_mask[r, :n - i] = 1
+    out = dict(b)
+    out["prefix"] = {"input_ids": pre_ids, "attention_mask": pre_mask,
+                     "position_ids": (pre_mask.cumsum(-1) - 1).clamp(min=0)}
+    out["enc"] = {"input_ids": suf_ids, "attention_mask": torch.cat([pre_mask, suf_mask], 1),
+                  "position_ids": idx[:, None] + torch.arange(width_s, device=ids.device)[None]}
+    out["prefix_width"] = width_p
+    out["idxs"] = torch.zeros_like(idx)
+    out["t_pos"] = b["t_pos"] - idx[b["t_rows"]]
+    return out
+
+
+def _legacy(past: Any) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Per layer (keys, values) of a transformers cache, detached."""
+    layers = past.to_legacy_cache() if hasattr(past, "to_legacy_cache") else past
+    return tuple((k.detach(), v.detach()) for k, v in layers)
+
+
+def _cache_from(saved: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> Any:
+    from transformers import DynamicCache
+
+    if hasattr(DynamicCache, "from_legacy_cache"):
+        return DynamicCache.from_legacy_cache(saved)
+    return DynamicCache(saved)
+
+
 def compute_zs(
     model: torch.nn.Module,
     tok: Any,
@@ -129,11 +178,14 @@ def compute_zs(
     context_templates: Sequence[Sequence[str]],
     chunk: int = 16,
     progress: bool = True,
+    prefix_cache: bool = True,
 ) -> list[torch.Tensor]:
     """Target vectors v* = h + δ at ``layer`` for every request, optimised together (see module docstring).
 
     :param requests: easyeditor-normalised requests (``prompt`` with ``{}``, ``target_new`` with its space).
     :param chunk: requests per forward pass (bounds activation memory; results do not depend on it).
+    :param prefix_cache: compute the positions before each lookup token once (keys/values cached) instead of
+        at every step; exact, and off only for models whose forward takes no ``past_key_values``.
     :returns: one [d] tensor per request, in order.
     """
     if chunk < 1:
@@ -148,7 +200,11 @@ def compute_zs(
     ln_f = _module(model, hparams.ln_f_module)
     out_emb = model.get_output_embeddings()
     lm_w, lm_b = _lm_head(model, hparams)
-    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    forward_args = inspect.signature(model.forward).parameters
+    keep_arg = "logits_to_keep" in forward_args
+    prefix_cache = prefix_cache and "past_key_values" in forward_args and "position_ids" in forward_args
+    fill = tok.pad_token_id if tok.pad_token_id is not None else 0
+    caches: dict[tuple[int, ...], Any] = {}
     n = len(requests)
     d = int(getattr(model.config, "n_embd", None) or model.config.hidden_size)
     delta = torch.zeros((n, d), device=device, requires_grad=True)
@@ -164,6 +220,8 @@ def compute_zs(
     state: dict[str, Any] = {}
 
     def at_layer(_m: Any, _inp: Any, out: Any) -> Any:
+        if state.get("prefix_pass"):
+            return out
         h = _hidden(out)
         b = state["b"]
         if state["record"]:
@@ -177,10 +235,12 @@ def compute_zs(
         return out
 
     def at_loss(_m: Any, _inp: Any, out: Any) -> None:
-        state["loss_h"] = _hidden(out)
+        if not state.get("prefix_pass"):
+            state["loss_h"] = _hidden(out)
 
     def at_norm(_m: Any, _inp: Any, out: Any) -> None:
-        state["normed"] = out
+        if not state.get("prefix_pass"):
+            state["normed"] = out
 
     hooks = [layer_mod.register_forward_hook(at_layer), ln_f.register_forward_hook(at_norm)]
     if loss_layer != layer:
@@ -193,9 +253,25 @@ def compute_zs(
             for start in range(0, len(active), chunk):
                 which = active[start:start + chunk]
                 b = prep.batch(tok, which, device)
+                split = _split_at_lookup(b, fill) if prefix_cache else None
+                kwargs: dict[str, Any] = {"logits_to_keep": 1} if keep_arg else {}
+                if split is not None:
+                    b = split
+                    saved = caches.get(tuple(which))
+                    if saved is None:
+                        state["prefix_pass"] = True
+                        try:
+                            with torch.no_grad():
+                                past = model(**b["prefix"], use_cache=True, **kwargs).past_key_values
+                        finally:
+                            state["prefix_pass"] = False
+                        saved = caches[tuple(which)] = _legacy(past)
+                    # A fresh cache object each step: the forward appends this step's suffix to it.
+                    kwargs.update(past_key_values=_cache_from(saved), use_cache=True)
+                else:
+                    kwargs["use_cache"] = False
                 state.update(b=b, which=torch.tensor(which, device=device), record=(it == 0))
-                kwargs = {"logits_to_keep": 1} if keep_arg else {}
-                model(**b["enc"], use_cache=False, **kwargs)
+                model(**b["enc"], **kwargs)
                 normed = state.pop("normed")
                 kl_logits = out_emb(normed[b["kl_rows"], b["idxs"][b["kl_rows"]]])
                 kl_logp = torch.log_softmax(kl_logits, dim=-1)
@@ -221,6 +297,8 @@ def compute_zs(
                     (loss * keep).sum().backward()
             bar.update(1)
             active = [i for i in active if i not in set(done_now)]
+            if done_now:
+                caches.clear()  # chunks are regrouped from the remaining requests
             bar.set_postfix(active=len(active))
             if it == int(hparams.v_num_grad_steps) - 1 or not active:
                 break

@@ -106,3 +106,24 @@ def test_chunk_must_be_positive(tmp_path, enabled, model_tok, tiny_model_dir):
     model, tok = model_tok
     with pytest.raises(ValueError, match="chunk must be a positive"):
         bz.compute_zs(model, tok, REQUESTS, hparams(tmp_path, tiny_model_dir), Z_LAYER, TEMPLATES, chunk=0)
+
+
+def test_prefix_cache_is_used_and_exact(tmp_path, enabled, model_tok, tiny_model_dir, monkeypatch):
+    model, tok = model_tok
+    hp = hparams(tmp_path, tiny_model_dir, v_num_grad_steps=5)
+    splits = []
+    real = bz._split_at_lookup
+    monkeypatch.setattr(bz, "_split_at_lookup", lambda b, fill: splits.append(real(b, fill)) or splits[-1])
+    cached = bz.compute_zs(model, tok, REQUESTS, hp, Z_LAYER, TEMPLATES, chunk=2, progress=False)
+    assert splits and all(s is not None for s in splits)  # every step ran on cached prefixes
+    full = bz.compute_zs(model, tok, REQUESTS, hp, Z_LAYER, TEMPLATES, chunk=2, progress=False, prefix_cache=False)
+    for c, f in zip(cached, full):
+        assert torch.allclose(c, f, rtol=1e-4, atol=1e-5)
+    # A lookup at a row's first token leaves nothing to cache: that batch runs in full.
+    b = {"enc": {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)},
+         "idxs": torch.tensor([0]), "t_pos": torch.tensor([2]), "t_rows": torch.tensor([0])}
+    assert real(b, 0) is None
+    b["idxs"] = torch.tensor([1])
+    split = real(b, 0)
+    assert split["prefix"]["input_ids"].tolist() == [[5]] and split["enc"]["input_ids"].tolist() == [[6, 7]]
+    assert split["enc"]["position_ids"].tolist() == [[1, 2]] and split["t_pos"].tolist() == [1]
