@@ -156,3 +156,22 @@ def tuple_view_nethook(nethook: types.ModuleType) -> types.ModuleType:
     proxy.TraceDict = TupleViewTraceDict
     proxy.__revive_tuple_view__ = True
     return proxy
+
+
+# -- representation passes that stop at the layer they read --------------------------------------------
+def stopping_nethook(nethook: types.ModuleType) -> types.ModuleType:
+    """A copy of easyeditor's ``nethook`` whose ``Trace`` stops the forward pass after the traced module.
+
+    easyeditor's own ``stop=True`` option: the module's input/output are retained, then the rest of the
+    network is skipped (it cannot change them). Used for MEMIT's key and representation passes.
+    """
+    base = nethook.Trace
+
+    class StoppingTrace(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, stop: bool = True, **kwargs: Any):
+            super().__init__(*args, stop=stop, **kwargs)
+
+    proxy = types.ModuleType(nethook.__name__)
+    proxy.__dict__.update({k: v for k, v in vars(nethook).items() if not k.startswith("__")})
+    proxy.Trace = StoppingTrace
+    return proxy

@@ -119,17 +119,17 @@ def split_plugin_blocks(config: dict, source: str = "<hparams>") -> tuple[dict, 
 
 
 def batched_z_options(value: Any, source: str = "<hparams>") -> Optional[dict]:
-    """Validated ``batched_z:`` block: None (off) or ``{"chunk": int}``."""
+    """Validated ``batched_z:`` block: None (off) or ``{"chunk": int, "early_exit": bool}``."""
     if value is None or value is False:
         return None
     if value is True:
-        return {"chunk": 16}
-    if isinstance(value, Mapping) and set(value) <= {"chunk"}:
-        chunk = value.get("chunk", 16)
-        if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1:
-            return {"chunk": chunk}
-    raise ValueError(f"{source}: {BATCHED_Z_BLOCK} must be true, false or {{chunk: N}} with N ≥ 1 requests per "
-                     f"forward pass, got {value!r}")
+        value = {}
+    if isinstance(value, Mapping) and set(value) <= {"chunk", "early_exit"}:
+        chunk, early_exit = value.get("chunk", 16), value.get("early_exit", True)
+        if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1 and isinstance(early_exit, bool):
+            return {"chunk": chunk, "early_exit": early_exit}
+    raise ValueError(f"{source}: {BATCHED_Z_BLOCK} must be true, false or {{chunk: N, early_exit: true|false}} with "
+                     f"N ≥ 1 requests per forward pass, got {value!r}")
 
 
 def attach_plugin_configs(hparams: Any, **blocks: Any) -> Any:
@@ -275,7 +275,7 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                 z_options = configs.get(BATCHED_Z_BLOCK)
                 if alg != "MEMIT" or not z_options:
                     return apply_fn(model, tok, requests, hparams, *args, **kwargs)
-                with batched_compute_z(model, tok, requests, hparams, chunk=z_options["chunk"]):
+                with batched_compute_z(model, tok, requests, hparams, **z_options):
                     return apply_fn(model, tok, requests, hparams, *args, **kwargs)
 
             result, _ = host.run_step(alg, target_weights(model, hparams), run, configs=configs, order=order)
@@ -300,12 +300,15 @@ def _z_key(request: Mapping[str, Any]) -> tuple[str, str, str]:
 
 
 @contextlib.contextmanager
-def batched_compute_z(model: Any, tok: Any, requests: Any, hparams: Any, chunk: int = 16) -> Iterator[dict]:
+def batched_compute_z(model: Any, tok: Any, requests: Any, hparams: Any, chunk: int = 16,
+                      early_exit: bool = True) -> Iterator[dict]:
     """Within the block, MEMIT's ``compute_z`` returns v* optimised for all ``requests`` at once.
 
     The vectors are computed on the first ``compute_z`` call (context templates, layer and model as easyeditor
-    passes them); a request not among them falls back to easyeditor's own ``compute_z``. Yields counters
-    ``{"batched": n, "fallback": n}``.
+    passes them); a request not among them falls back to easyeditor's own ``compute_z``. With ``early_exit``
+    MEMIT's key and representation passes (``repr_tools``) stop after the layer they read, through
+    easyeditor's own ``Trace(stop=True)``: the same numbers without running the layers above. Yields
+    counters ``{"batched": n, "fallback": n}``.
     """
     from .batched_z import compute_zs
 
@@ -327,10 +330,15 @@ def batched_compute_z(model: Any, tok: Any, requests: Any, hparams: Any, chunk: 
         return z
 
     main.compute_z = compute_z
+    repr_tools = compat.import_easyeditor("easyeditor.models.rome.repr_tools")
+    nethook = repr_tools.nethook
+    if early_exit:
+        repr_tools.nethook = compat.stopping_nethook(nethook)
     try:
         yield counts
     finally:
         main.compute_z = original
+        repr_tools.nethook = nethook
 
 
 def _wrap_editor_class(base_editor: type) -> None:

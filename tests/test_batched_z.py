@@ -79,26 +79,38 @@ def test_yaml_switch_runs_memit_with_batched_z(tmp_path, enabled, tiny_model_dir
                  target_new=["English", "Paris"], ground_truth=["French", "Rome"],
                  subject=["Danielle Darrieux", "Italy"])
     results = {}
-    for name, extra in (("easyeditor", {}), ("batched", {"batched_z": {"chunk": 1}})):
+    for name, extra in (("easyeditor", {}), ("batched", {"batched_z": {"chunk": 1}}),
+                        ("batched-full-passes", {"batched_z": {"chunk": 1, "early_exit": False}})):
         hp = hparams(tmp_path, tiny_model_dir, **extra)
         torch.manual_seed(0)
         editor = editor_for(hp)
         weights = edited_weights(editor, hp)
         w0 = {n: w.detach().clone() for n, w in weights.items()}
         calls.clear()
-        editor.batch_edit(**batch, keep_original_weight=False, verbose=False)
-        results[name] = ({n: w.detach() - w0[n] for n, w in weights.items()}, len(calls))
-    (plain, plain_calls), (batched, batched_calls) = results["easyeditor"], results["batched"]
+        top = []  # forward passes that reached the final norm
+        hook = editor.model.model.norm.register_forward_hook(lambda *a: top.append(1))
+        try:
+            editor.batch_edit(**batch, keep_original_weight=False, verbose=False)
+        finally:
+            hook.remove()
+        results[name] = ({n: w.detach() - w0[n] for n, w in weights.items()}, len(calls), len(top))
+    (plain, plain_calls, _), (batched, batched_calls, _) = results["easyeditor"], results["batched"]
     assert plain_calls == 2 and batched_calls == 0  # easyeditor's compute_z never ran on the batched path
+    assert results["batched-full-passes"][1] == 0
+    assert results["batched"][2] < results["batched-full-passes"][2]  # early exit skipped the top of the model
+    for n in plain:  # stopping the key/representation passes early changes no number
+        assert torch.allclose(batched[n], results["batched-full-passes"][0][n], rtol=1e-4, atol=1e-7)
     assert main.compute_z is not None and main.compute_z.__name__ == "<lambda>"  # restored after the step
+    repr_tools = import_easyeditor("easyeditor.models.rome.repr_tools")
+    assert repr_tools.nethook is import_easyeditor("easyeditor.util.nethook")  # restored too
     for n in plain:
         assert float(plain[n].norm()) > 0
         assert torch.allclose(plain[n], batched[n], rtol=1e-3, atol=1e-5 * float(plain[n].abs().max()))
 
 
-@pytest.mark.parametrize("value", [0, "yes", {"chunk": 0}, {"chunks": 4}, {"chunk": True}])
+@pytest.mark.parametrize("value", [0, "yes", {"chunk": 0}, {"chunks": 4}, {"chunk": True}, {"early_exit": "no"}])
 def test_bad_batched_z_block_is_named(tmp_path, enabled, tiny_model_dir, value):
-    with pytest.raises(ValueError, match=r"batched_z must be true, false or \{chunk: N\}"):
+    with pytest.raises(ValueError, match=r"batched_z must be true, false or \{chunk: N, early_exit: true\|false\}"):
         load("MEMIT", write_hparams(tmp_path, {**MEMIT, "batched_z": value}, tiny_model_dir))
 
 

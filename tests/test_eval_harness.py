@@ -52,7 +52,7 @@ def test_overrides_and_validation():
         RunConfig.from_dict({"name": "x", "hparams": "h", "edit_count": 3})
     with pytest.raises(ValueError, match="revive.tau"):
         RunConfig(name="x", hparams="h", transforms=["revive"], revive={"tau": 3})
-    with pytest.raises(ValueError, match=r"run config: batched_z must be true, false or \{chunk: N\}"):
+    with pytest.raises(ValueError, match=r"run config: batched_z must be true, false or \{chunk: N"):
         RunConfig(name="x", hparams="h", batched_z={"chunk": -1})
 
 
