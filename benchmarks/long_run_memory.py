@@ -23,6 +23,16 @@ from common import ROOT, machine, markdown_table
 SHARED_COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_mend.json.gz"
 
 
+def slope(x: list[float], y: list[float]) -> float:
+    """Least-squares slope of y against x (0.0 for fewer than two points)."""
+    n = len(x)
+    if n < 2:
+        return 0.0
+    mx, my = sum(x) / n, sum(y) / n
+    var = sum((a - mx) ** 2 for a in x)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / var if var else 0.0
+
+
 def run(edits: int = 1000, every: int = 100, batch: int = 100, data: Optional[str] = None) -> dict:
     from revive_plugin.eval.datasets import load_counterfact
     from revive_plugin.eval.harness import Run, RunConfig
@@ -47,25 +57,27 @@ def run(edits: int = 1000, every: int = 100, batch: int = 100, data: Optional[st
         rows = [json.loads(line) for line in (run_dir / "resources.jsonl").read_text().splitlines()]
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    first = rows[1] if len(rows) > 1 else rows[0]
-    growth = {"rss_mb": rows[-1]["rss_mb"] - first["rss_mb"],
-              "peak_rss_mb": rows[-1]["peak_rss_mb"] - first["peak_rss_mb"]}
-    return {"rows": rows, "growth_after_first_checkpoint_mb": growth,
-            "growth_after_first_checkpoint_pct": {k: 100 * v / first[k] for k, v in growth.items()},
+    after = rows[1:] if len(rows) > 2 else rows
+    slopes = {k: slope([r["edits"] for r in after], [r[k] for r in after]) * 1000
+              for k in ("rss_mb", "window_peak_rss_mb")}
+    return {"rows": rows, "slope_mb_per_1000_edits": slopes,
+            "slope_pct_of_first": {k: 100 * v / after[0][k] for k, v in slopes.items()},
             "setup": {"edits": edits, "every": every, "batch": batch, "data": data or "shipped sample",
                       "machine": machine()}}
 
 
 def report(r: dict) -> str:
     s = r["setup"]
-    rows = [[x["edits"], x["rss_mb"], x["peak_rss_mb"], x["edit_seconds"], x["filter_seconds"], x["eval_seconds"]]
-            for x in r["rows"]]
-    g, p = r["growth_after_first_checkpoint_mb"], r["growth_after_first_checkpoint_pct"]
+    rows = [[x["edits"], x["rss_mb"], x["window_peak_rss_mb"], x["peak_rss_mb"], x["edit_seconds"],
+             x["filter_seconds"], x["eval_seconds"]] for x in r["rows"]]
+    g, p = r["slope_mb_per_1000_edits"], r["slope_pct_of_first"]
     return (f"Memory over a {s['edits']}-edit run (FT + REVIVE on SmolLM2, batches of {s['batch']}, "
             f"checkpoint every {s['every']})\n"
-            + markdown_table(["edits", "RSS MiB", "peak RSS MiB", "editor s", "filter s", "eval s"], rows)
-            + f"\nfrom the first post-edit checkpoint to the last: RSS {g['rss_mb']:+.1f} MiB ({p['rss_mb']:+.2f}%), "
-              f"peak RSS {g['peak_rss_mb']:+.1f} MiB ({p['peak_rss_mb']:+.2f}%) (target: flat)")
+            + markdown_table(["edits", "RSS MiB", "peak RSS since last checkpoint MiB", "lifetime peak RSS MiB",
+                              "editor s", "filter s", "eval s"], rows)
+            + f"\ntrend after the first post-edit checkpoint (least squares): RSS {g['rss_mb']:+.1f} MiB per 1000 edits "
+              f"({p['rss_mb']:+.2f}% of its first value), peak since last checkpoint {g['window_peak_rss_mb']:+.1f} MiB "
+              f"per 1000 edits ({p['window_peak_rss_mb']:+.2f}%) (target: flat)")
 
 
 def main() -> None:

@@ -351,13 +351,17 @@ class Run:
 
     def _record_resources(self, done: int, host: Any, clock: dict) -> None:
         """Append memory and time since the previous checkpoint of this session to ``resources.jsonl``."""
-        from .resources import peak_rss_mb, rss_mb
+        from .resources import peak_rss_mb, reset_window_peak, rss_mb, window_peak_rss_mb
 
-        row = {"edits": done, "rss_mb": round(rss_mb(), 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+        # window_peak: the highest RSS since the previous checkpoint (where the OS can reset it), so a
+        # transient of one edit step is not carried into every later row as the lifetime peak is.
+        row = {"edits": done, "rss_mb": round(rss_mb(), 1), "window_peak_rss_mb": round(window_peak_rss_mb(), 1),
+               "peak_rss_mb": round(peak_rss_mb(), 1), "window_peak_resettable": clock.get("resettable", False),
                "edit_seconds": round(host.seconds["edit"] - clock["host"]["edit"], 3),
                "filter_seconds": round(host.seconds["transform"] - clock["host"]["transform"], 3),
                "eval_seconds": round(clock["eval"], 3)}
         clock["host"] = dict(host.seconds)
+        clock["resettable"] = reset_window_peak()
         with (self.run_dir / "resources.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 try:
     import resource
 except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def rss_mb() -> float:
@@ -21,8 +25,28 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (0.0 where the platform does not say)."""
+    """Peak resident set size of this process over its life, in MiB (0.0 where the platform does not say)."""
     if resource is None:
         return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB
+
+
+def window_peak_rss_mb() -> float:
+    """Peak RSS since the last ``reset_window_peak()`` (Linux VmHWM), in MiB; the lifetime peak elsewhere."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak_rss_mb()
+
+
+def reset_window_peak() -> bool:
+    """Start a new peak-RSS window (Linux ≥ 4.0: ``echo 5 > /proc/self/clear_refs``); False where unsupported."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
