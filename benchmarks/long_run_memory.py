@@ -4,6 +4,9 @@ Runs ``revive eval`` (the Python API underneath) with REVIVE on, checkpoints eve
 the run's ``resources.jsonl``: resident and peak RSS at each checkpoint. Flat means the RSS after the first
 post-edit checkpoint does not grow with the number of edits (no accumulating snapshots, graphs or caches).
 
+RSS is read after returning freed heap pages to the OS (glibc ``malloc_trim``), and the torch tensors
+Python can reach are counted, so a leak (tensors kept per edit) is told apart from allocator fragmentation.
+
 The editor is FT on one layer (2 steps per batch of 100): cheap enough for 1,000 edits on a CPU in minutes,
 and it goes through the same host, snapshots, REVIVE cache, checkpoints and evaluations as any other editor.
 
@@ -59,7 +62,7 @@ def run(edits: int = 1000, every: int = 100, batch: int = 100, data: Optional[st
         shutil.rmtree(out, ignore_errors=True)
     after = rows[1:] if len(rows) > 2 else rows
     slopes = {k: slope([r["edits"] for r in after], [r[k] for r in after]) * 1000
-              for k in ("rss_mb", "window_peak_rss_mb")}
+              for k in ("rss_mb", "window_peak_rss_mb", "live_tensor_mb")}
     return {"rows": rows, "slope_mb_per_1000_edits": slopes,
             "slope_pct_of_first": {k: 100 * v / after[0][k] for k, v in slopes.items()},
             "setup": {"edits": edits, "every": every, "batch": batch, "data": data or "shipped sample",
@@ -68,16 +71,17 @@ def run(edits: int = 1000, every: int = 100, batch: int = 100, data: Optional[st
 
 def report(r: dict) -> str:
     s = r["setup"]
-    rows = [[x["edits"], x["rss_mb"], x["window_peak_rss_mb"], x["peak_rss_mb"], x["edit_seconds"],
-             x["filter_seconds"], x["eval_seconds"]] for x in r["rows"]]
+    rows = [[x["edits"], x["rss_mb"], x["window_peak_rss_mb"], x["peak_rss_mb"], x["live_tensors"],
+             x["live_tensor_mb"], x["edit_seconds"], x["filter_seconds"], x["eval_seconds"]] for x in r["rows"]]
     g, p = r["slope_mb_per_1000_edits"], r["slope_pct_of_first"]
     return (f"Memory over a {s['edits']}-edit run (FT + REVIVE on SmolLM2, batches of {s['batch']}, "
             f"checkpoint every {s['every']})\n"
-            + markdown_table(["edits", "RSS MiB", "peak RSS since last checkpoint MiB", "lifetime peak RSS MiB",
-                              "editor s", "filter s", "eval s"], rows)
+            + markdown_table(["edits", "RSS MiB", "peak RSS since last checkpoint MiB", "peak RSS so far MiB",
+                              "live tensors", "live tensor MiB", "editor s", "filter s", "eval s"], rows)
             + f"\ntrend after the first post-edit checkpoint (least squares): RSS {g['rss_mb']:+.1f} MiB per 1000 edits "
               f"({p['rss_mb']:+.2f}% of its first value), peak since last checkpoint {g['window_peak_rss_mb']:+.1f} MiB "
-              f"per 1000 edits ({p['window_peak_rss_mb']:+.2f}%) (target: flat)")
+              f"per 1000 edits ({p['window_peak_rss_mb']:+.2f}%), live tensors {g['live_tensor_mb']:+.1f} MiB per 1000 "
+              f"edits ({p['live_tensor_mb']:+.2f}%) (target: flat)")
 
 
 def main() -> None:

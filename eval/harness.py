@@ -351,12 +351,18 @@ class Run:
 
     def _record_resources(self, done: int, host: Any, clock: dict) -> None:
         """Append memory and time since the previous checkpoint of this session to ``resources.jsonl``."""
-        from .resources import peak_rss_mb, reset_window_peak, rss_mb, window_peak_rss_mb
+        from .resources import live_tensors, release_free_heap, reset_window_peak, rss_mb, window_peak_rss_mb
 
         # window_peak: the highest RSS since the previous checkpoint (where the OS can reset it), so a
-        # transient of one edit step is not carried into every later row as the lifetime peak is.
-        row = {"edits": done, "rss_mb": round(rss_mb(), 1), "window_peak_rss_mb": round(window_peak_rss_mb(), 1),
-               "peak_rss_mb": round(peak_rss_mb(), 1), "window_peak_resettable": clock.get("resettable", False),
+        # transient of one edit step is not carried into every later row; peak_rss_mb is the run's highest.
+        release_free_heap()
+        n_tensors, tensor_mb = live_tensors()
+        rss = rss_mb()
+        window = window_peak_rss_mb()  # read after rss: the high-water mark is never below it
+        clock["peak"] = max(clock.get("peak", 0.0), window)
+        row = {"edits": done, "rss_mb": round(rss, 1), "window_peak_rss_mb": round(window, 1),
+               "peak_rss_mb": round(clock["peak"], 1), "window_peak_resettable": clock.get("resettable", False),
+               "live_tensors": n_tensors, "live_tensor_mb": round(tensor_mb, 1),
                "edit_seconds": round(host.seconds["edit"] - clock["host"]["edit"], 3),
                "filter_seconds": round(host.seconds["transform"] - clock["host"]["transform"], 3),
                "eval_seconds": round(clock["eval"], 3)}

@@ -50,3 +50,44 @@ def reset_window_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def release_free_heap() -> bool:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``) so RSS shows live memory, not fragmentation."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def _is_tensor(obj: object, cls: type) -> bool:
+    try:
+        return isinstance(obj, cls)
+    except Exception:  # lazy proxies whose __class__ raises
+        return False
+
+
+def live_tensors() -> tuple[int, float]:
+    """(number, MiB) of the torch tensors Python can reach, storages counted once: what a leak would grow."""
+    import gc
+    import warnings
+
+    import torch
+
+    count, seen, total = 0, set(), 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on deprecated module attributes warns
+        objects = [o for o in gc.get_objects() if _is_tensor(o, torch.Tensor)]
+    for obj in objects:
+        try:
+            storage = obj.untyped_storage()
+        except Exception:  # tensors without a storage (meta, some subclasses)
+            continue
+        count += 1
+        key = (storage.data_ptr(), storage.device.type)
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return count, total / 2**20
