@@ -71,13 +71,25 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def _singular_values_from_gram(w: torch.Tensor) -> torch.Tensor:
+    """All singular values of ``w``, descending, as √eig of the smaller Gram matrix in float64.
+
+    k needs the whole spectrum's σ-mass; the Gram route (one matrix product and a symmetric eigensolve of
+    min(m, n)²) is several times cheaper than LAPACK's SVD of a wide matrix, and float64 keeps the squared
+    condition number harmless for a sum of σ.
+    """
+    a = w.double()
+    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(0)
+
+
 def protected_basis(weight: torch.Tensor, tau: float = 0.1, method: str = "full") -> ProtectedBasis:
     """Top-k singular subspace of ``weight`` (out×in) with k = energy_rank(σ, tau).
 
     Computed in float32 at least (float64 for small matrices); only Uₖ, Vₖ are kept.
 
-    ``method="randomized"``: σ from ``svdvals`` (k needs the whole spectrum's mass), then Uₖ, Vₖ from a
-    seeded randomized range finder (``torch.svd_lowrank``, k + oversampling columns, 4 power iterations).
+    ``method="randomized"``: σ from the Gram matrix's eigenvalues (k needs the whole spectrum's mass), then
+    Uₖ, Vₖ from a seeded randomized range finder (``torch.svd_lowrank``, k + oversampling columns, 4 power iterations).
     Worth it where k ≪ min(m, n); when k is over a quarter of min(m, n) the full SVD is used instead.
     The projection stays exact for the basis it returns; how close that basis is to the exact one depends
     on the spectral gap at k (see tests/test_spectral.py for the accuracy check).
@@ -91,16 +103,16 @@ def protected_basis(weight: torch.Tensor, tau: float = 0.1, method: str = "full"
         raise ValueError("weight has non-finite entries; cannot compute its singular subspace")
     w = weight.detach().to(_compute_dtype(weight))
     if method == "randomized":
-        s_all = torch.linalg.svdvals(w)
+        s_all = _singular_values_from_gram(w)
         k = energy_rank(s_all, tau)
         if 0 < k <= min(w.shape) // 4:
             q = min(min(w.shape), k + max(10, k // 5))
             # svd_lowrank draws from the global generator: seed a private one so runs stay reproducible.
             with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
                 torch.manual_seed(0)
-                u, s, v = torch.svd_lowrank(w, q=q, niter=4)
+                u, _, v = torch.svd_lowrank(w, q=q, niter=4)
             return ProtectedBasis(u=u[:, :k].contiguous(), v=v[:, :k].contiguous(), k=k, tau=tau,
-                                  singular_values=s_all[:k].clone())
+                                  singular_values=s_all[:k].to(w.dtype).clone())
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     k = energy_rank(s, tau)
     return ProtectedBasis(

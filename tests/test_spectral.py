@@ -220,6 +220,8 @@ def test_randomized_basis_matches_the_exact_subspace(m, n, tau):
     cos_u = torch.linalg.svdvals(exact.u.double().T @ fast.u.double())
     cos_v = torch.linalg.svdvals(exact.v.double().T @ fast.v.double())
     assert float(cos_u.min()) > 0.99 and float(cos_v.min()) > 0.99
+    captured = (fast.u.T @ w.double()).norm() ** 2 / (exact.u.T @ w.double()).norm() ** 2
+    assert float(captured) > 0.999
     # Orthonormal factors: the filter with the randomized basis is still an exact projector for that basis.
     eye = torch.eye(fast.k, dtype=fast.u.dtype)
     assert torch.allclose(fast.u.T @ fast.u, eye, atol=1e-5) and torch.allclose(fast.v.T @ fast.v, eye, atol=1e-5)
