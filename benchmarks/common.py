@@ -1,13 +1,15 @@
 """Shared setup of the SmolLM2 benchmarks: the editor, the CounterFact requests, weight restore, machine facts."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
+import json
 import logging
 import os
 import platform
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -90,3 +92,22 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def script_main(doc: str, run: Callable[..., Any], report: Callable[[Any], str],
+                options: dict[str, tuple[Any, Any]]) -> None:
+    """Command line of a figure script: ``--option`` per ``options`` entry (type, default), plus ``--json``.
+
+    Runs ``run(**options)``, prints ``report(result)`` and writes the result to ``--json`` when given.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, (kind, default) in options.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+    parser.add_argument("--json", help="also write the measured result to this file")
+    args = vars(parser.parse_args())
+    path = args.pop("json")
+    result = run(**args)
+    print(report(result))
+    if path:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1)

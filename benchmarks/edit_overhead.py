@@ -12,14 +12,12 @@ Fewer z steps make the MEMIT step shorter, so the overhead ratio is an upper bou
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
 import torch
 
-from common import apply_edits, counterfact_cases, edited_weights, machine, markdown_table, memit_editor, restore
+from common import apply_edits, counterfact_cases, edited_weights, machine, markdown_table, memit_editor, restore, script_main
 
 
 def run(requests: int = 100, z_steps: int | None = 3, repeat: int = 3, tau: float = 0.1, chunk: int = 16) -> dict:
@@ -74,18 +72,7 @@ def report(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=100)
-    parser.add_argument("--z-steps", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--tau", type=float, default=0.1)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    r = run(args.requests, args.z_steps, args.repeat, args.tau)
-    print(report(r))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(r, fh, indent=2)
+    script_main(__doc__, run, report, {"requests": (int, 100), "z_steps": (int, 3), "repeat": (int, 3), "tau": (float, 0.1)})
 
 
 if __name__ == "__main__":

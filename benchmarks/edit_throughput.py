@@ -8,13 +8,11 @@ specificity) by the harness's evaluator. Only ``compute_z`` differs.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import time
 from typing import Any, Iterator
 
-from common import apply_edits, counterfact_cases, edited_weights, machine, markdown_table, memit_editor, restore
+from common import apply_edits, counterfact_cases, edited_weights, machine, markdown_table, memit_editor, restore, script_main
 
 
 @contextlib.contextmanager
@@ -80,18 +78,7 @@ def report(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--z-steps", type=int, default=None, help="default: the hparams file's v_num_grad_steps")
-    parser.add_argument("--chunk", type=int, default=16)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    r = run(args.requests, args.batch, args.z_steps, args.chunk)
-    print(report(r))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(r, fh, indent=2)
+    script_main(__doc__, run, report, {"requests": (int, 20), "batch": (int, 10), "z_steps": (int, None), "chunk": (int, 16)})
 
 
 if __name__ == "__main__":

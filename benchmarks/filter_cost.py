@@ -8,12 +8,11 @@ Prints one table of times measured in this run and their ratios, and checks both
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import torch
 
+from common import script_main
 from revive_plugin.spectral import project_out, protected_basis
 
 
@@ -75,7 +74,7 @@ def run(shapes: str = "576x1536,1600x6400,4096x14336", tau: float = 0.1, device:
 
 
 def report(rows: list[dict]) -> str:
-    from common import markdown_table
+    from common import markdown_table, script_main
 
     table = [[r["shape"], r["k"], r["r"], r["svd_s"], r["randomized_svd_s"], r["randomized_same_k"],
               r["randomized_captured"], r["randomized_overlap"], r["factor_s"],
@@ -89,17 +88,8 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", default="576x1536,1600x6400,4096x14336")
-    parser.add_argument("--tau", type=float, default=0.1)
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args()
-    rows = run(args.shapes, args.tau, args.device)
-    print(report(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    script_main(__doc__, run, report, {"shapes": (str, "576x1536,1600x6400,4096x14336"), "tau": (float, 0.1),
+                                          "device": (str, "cuda" if torch.cuda.is_available() else "cpu")})
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ and it goes through the same host, snapshots, REVIVE cache, checkpoints and eval
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
 
-from common import ROOT, machine, markdown_table
+from common import ROOT, machine, markdown_table, script_main
 
 SHARED_COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_mend.json.gz"
 
@@ -85,18 +84,7 @@ def report(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--edits", type=int, default=1000)
-    parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--data")
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    r = run(args.edits, args.every, args.batch, args.data)
-    print(report(r))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(r, fh, indent=2)
+    script_main(__doc__, run, report, {"edits": (int, 1000), "every": (int, 100), "batch": (int, 100), "data": (str, None)})
 
 
 if __name__ == "__main__":

@@ -60,9 +60,15 @@ def write_doc() -> None:
             parts += [f"## {title}", "", "_not measured yet: `python benchmarks/run_all.py --only " + name + "`_", ""]
             continue
         saved = json.loads(path.read_text())
+        try:
+            body = _spaced(module.report(saved["result"]))
+        except (KeyError, TypeError) as e:  # a result file from an older version of the script
+            parts += [f"## {title}", "", f"_`{path.name}` is from an older version of the script ({e!r}): "
+                      f"re-measure with `python benchmarks/run_all.py --only {name}`_", ""]
+            continue
         parts += [f"## {title}", "",
                   f"Command: `{saved['command']}` — measured {saved['date']} in {saved['seconds']:.0f} s on "
-                  f"{saved['machine']}.", "", _spaced(module.report(saved["result"])), ""]
+                  f"{saved['machine']}.", "", body, ""]
         notes = OUT / f"{name}.md"
         if notes.exists():
             parts += [notes.read_text().strip(), ""]
