@@ -70,6 +70,12 @@ def tokenize_pair(tok: Any, prompt: str, continuation: str) -> tuple[list[int], 
     prompt's own encoding; if the tokenizer merges across the boundary, the merged token counts as
     continuation.
     """
+    full, start, _ = _encode_pair(tok, prompt, continuation)
+    return full, start
+
+
+def _encode_pair(tok: Any, prompt: str, continuation: str) -> tuple[list[int], int, bool]:
+    """``tokenize_pair`` plus whether the prompt alone encodes to exactly ``full[:start]`` (a clean boundary)."""
     if not continuation:
         raise ValueError(f"empty continuation for prompt {prompt!r}")
     _, n_suffix = special_affixes(tok)
@@ -89,7 +95,7 @@ def tokenize_pair(tok: Any, prompt: str, continuation: str) -> tuple[list[int], 
             f"cannot score the first token of {continuation!r}: the prompt {prompt!r} is empty and the "
             "tokenizer adds no BOS token, so no position predicts it"
         )
-    return full, start
+    return full, start, start == len(prompt_ids)
 
 
 @contextmanager
@@ -141,7 +147,8 @@ def score_continuations(
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
 
-    encoded = [tokenize_pair(tok, p, c) for p, c in zip(prompts, continuations)]
+    pairs = [_encode_pair(tok, p, c) for p, c in zip(prompts, continuations)]
+    encoded = [(ids, start) for ids, start, _ in pairs]
     max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_positions:
         for i, (ids, _) in enumerate(encoded):
@@ -152,18 +159,11 @@ def score_continuations(
     # from its logits. A one-token continuation whose prompt tokenizes the same alone is read off the prompt's
     # own forward pass (the logits at its last position are the same in the joined sequence: causal model),
     # so a prompt scored against several one-token targets (new and true object) runs once.
-    _, n_suffix = special_affixes(tok)
     seq_index: dict[tuple[int, ...], int] = {}
     sequences: list[list[int]] = []
     picks: list[list[tuple[int, int, int]]] = []   # per sequence: (pair, position, target id)
-    for i, ((ids, start), prompt) in enumerate(zip(encoded, prompts)):
-        seq = ids
-        if len(ids) - start == 1:
-            alone = list(encode(tok, prompt))
-            if n_suffix:
-                alone = alone[:-n_suffix]
-            if alone == ids[:start]:
-                seq = ids[:start]
+    for i, (ids, start, clean) in enumerate(pairs):
+        seq = ids[:start] if clean and len(ids) - start == 1 else ids
         key = tuple(seq)
         if key not in seq_index:
             seq_index[key] = len(sequences)
