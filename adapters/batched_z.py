@@ -32,10 +32,6 @@ from . import compat
 STOP_LOSS = 5e-2
 
 
-def _module(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    return model.get_submodule(name)
-
-
 def _hidden(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
@@ -62,11 +58,10 @@ class _Prepared:
     def __init__(self, tok: Any, requests: Sequence[Mapping[str, Any]], hparams: Any,
                  context_templates: Sequence[Sequence[str]], device: torch.device):
         find_idx = compat.import_easyeditor("easyeditor.models.memit.compute_z").find_fact_lookup_idx
-        self.requests = list(requests)
         self.texts: list[list[str]] = []         # per request: rewriting prompts, then the KL prompt
         self.lookup: list[list[int]] = []
         self.targets: list[torch.Tensor] = []
-        for r in self.requests:
+        for r in requests:
             target_ids = tok(r["target_new"], return_tensors="pt")["input_ids"][0]
             if target_ids[0] == tok.bos_token_id or target_ids[0] == tok.unk_token_id:
                 target_ids = target_ids[1:]
@@ -195,9 +190,9 @@ def compute_zs(
     device = next(model.parameters()).device
     prep = _Prepared(tok, requests, hparams, context_templates, device)
     loss_layer = max(int(hparams.v_loss_layer), layer)
-    layer_mod = _module(model, hparams.layer_module_tmp.format(layer))
-    loss_mod = _module(model, hparams.layer_module_tmp.format(loss_layer))
-    ln_f = _module(model, hparams.ln_f_module)
+    layer_mod = model.get_submodule(hparams.layer_module_tmp.format(layer))
+    loss_mod = model.get_submodule(hparams.layer_module_tmp.format(loss_layer))
+    ln_f = model.get_submodule(hparams.ln_f_module)
     out_emb = model.get_output_embeddings()
     lm_w, lm_b = _lm_head(model, hparams)
     forward_args = inspect.signature(model.forward).parameters
@@ -245,9 +240,10 @@ def compute_zs(
     hooks = [layer_mod.register_forward_hook(at_layer), ln_f.register_forward_hook(at_norm)]
     if loss_layer != layer:
         hooks.append(loss_mod.register_forward_hook(at_loss))
-    bar = tqdm(total=int(hparams.v_num_grad_steps), desc=f"z ({n} requests)", leave=False, disable=not progress)
+    steps = int(hparams.v_num_grad_steps)
+    bar = tqdm(total=steps, desc=f"z ({n} requests)", leave=False, disable=not progress)
     try:
-        for it in range(int(hparams.v_num_grad_steps)):
+        for it in range(steps):
             opt.zero_grad()
             done_now: list[int] = []
             for start in range(0, len(active), chunk):
@@ -290,8 +286,7 @@ def compute_zs(
                 loss = nll + kl + wd
                 finished = (loss < STOP_LOSS).tolist()
                 done_now += [i for i, f in zip(which, finished) if f]
-                last = it == int(hparams.v_num_grad_steps) - 1
-                if not last:
+                if it < steps - 1:
                     # Stopped requests contribute no gradient; the rest are independent, so summing is exact.
                     keep = torch.tensor([not f for f in finished], device=device)
                     (loss * keep).sum().backward()
@@ -300,7 +295,7 @@ def compute_zs(
             if done_now:
                 caches.clear()  # chunks are regrouped from the remaining requests
             bar.set_postfix(active=len(active))
-            if it == int(hparams.v_num_grad_steps) - 1 or not active:
+            if it == steps - 1 or not active:
                 break
             frozen = delta.detach().clone()
             opt.step()

@@ -151,10 +151,14 @@ def tuple_view_nethook(nethook: types.ModuleType) -> types.ModuleType:
         def __getitem__(self, key: str) -> Any:
             return _TupleView(super().__getitem__(key))
 
+    return _nethook_copy(nethook, TraceDict=TupleViewTraceDict, __revive_tuple_view__=True)
+
+
+def _nethook_copy(nethook: types.ModuleType, **replaced: Any) -> types.ModuleType:
+    """A module with ``nethook``'s public names, some ``replaced`` (patched into one easyeditor module only)."""
     proxy = types.ModuleType(nethook.__name__)
     proxy.__dict__.update({k: v for k, v in vars(nethook).items() if not k.startswith("__")})
-    proxy.TraceDict = TupleViewTraceDict
-    proxy.__revive_tuple_view__ = True
+    proxy.__dict__.update(replaced)
     return proxy
 
 
@@ -171,7 +175,4 @@ def stopping_nethook(nethook: types.ModuleType) -> types.ModuleType:
         def __init__(self, *args: Any, stop: bool = True, **kwargs: Any):
             super().__init__(*args, stop=stop, **kwargs)
 
-    proxy = types.ModuleType(nethook.__name__)
-    proxy.__dict__.update({k: v for k, v in vars(nethook).items() if not k.startswith("__")})
-    proxy.Trace = StoppingTrace
-    return proxy
+    return _nethook_copy(nethook, Trace=StoppingTrace)

@@ -275,7 +275,7 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                 z_options = configs.get(BATCHED_Z_BLOCK)
                 if alg != "MEMIT" or not z_options:
                     return apply_fn(model, tok, requests, hparams, *args, **kwargs)
-                with batched_compute_z(model, tok, requests, hparams, **z_options):
+                with batched_compute_z(requests, **z_options):
                     return apply_fn(model, tok, requests, hparams, *args, **kwargs)
 
             result, _ = host.run_step(alg, target_weights(model, hparams), run, configs=configs, order=order)
@@ -300,15 +300,13 @@ def _z_key(request: Mapping[str, Any]) -> tuple[str, str, str]:
 
 
 @contextlib.contextmanager
-def batched_compute_z(model: Any, tok: Any, requests: Any, hparams: Any, chunk: int = 16,
-                      early_exit: bool = True) -> Iterator[dict]:
+def batched_compute_z(requests: Any, chunk: int = 16, early_exit: bool = True) -> Iterator[None]:
     """Within the block, MEMIT's ``compute_z`` returns v* optimised for all ``requests`` at once.
 
     The vectors are computed on the first ``compute_z`` call (context templates, layer and model as easyeditor
     passes them); a request not among them falls back to easyeditor's own ``compute_z``. With ``early_exit``
     MEMIT's key and representation passes (``repr_tools``) stop after the layer they read, through
-    easyeditor's own ``Trace(stop=True)``: the same numbers without running the layers above. Yields
-    counters ``{"batched": n, "fallback": n}``.
+    easyeditor's own ``Trace(stop=True)``: the same numbers without running the layers above.
     """
     from .batched_z import compute_zs
 
@@ -316,18 +314,13 @@ def batched_compute_z(model: Any, tok: Any, requests: Any, hparams: Any, chunk: 
     original = main.compute_z
     normalised = [memit_request(r) for r in requests]
     computed: dict[tuple[str, str, str], torch.Tensor] = {}
-    counts = {"batched": 0, "fallback": 0}
 
-    def compute_z(model_: Any, tok_: Any, request: Any, hparams_: Any, layer: int, templates: Any) -> torch.Tensor:
+    def compute_z(model: Any, tok: Any, request: Any, hparams: Any, layer: int, templates: Any) -> torch.Tensor:
         if not computed:
-            zs = compute_zs(model_, tok_, normalised, hparams_, layer, templates, chunk=chunk)
+            zs = compute_zs(model, tok, normalised, hparams, layer, templates, chunk=chunk)
             computed.update({_z_key(r): z for r, z in zip(normalised, zs)})
         z = computed.get(_z_key(request))
-        if z is None:
-            counts["fallback"] += 1
-            return original(model_, tok_, request, hparams_, layer, templates)
-        counts["batched"] += 1
-        return z
+        return original(model, tok, request, hparams, layer, templates) if z is None else z
 
     main.compute_z = compute_z
     repr_tools = compat.import_easyeditor("easyeditor.models.rome.repr_tools")
@@ -335,7 +328,7 @@ def batched_compute_z(model: Any, tok: Any, requests: Any, hparams: Any, chunk: 
     if early_exit:
         repr_tools.nethook = compat.stopping_nethook(nethook)
     try:
-        yield counts
+        yield
     finally:
         main.compute_z = original
         repr_tools.nethook = nethook
