@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -94,15 +95,15 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def script_main(doc: str, run: Callable[..., Any], report: Callable[[Any], str],
-                options: dict[str, tuple[Any, Any]]) -> None:
-    """Command line of a figure script: ``--option`` per ``options`` entry (type, default), plus ``--json``.
+def script_main(doc: str, run: Callable[..., Any], report: Callable[[Any], str], types: dict[str, type]) -> None:
+    """Command line of a figure script: ``--option`` per ``types`` entry (default: ``run``'s), plus ``--json``.
 
     Runs ``run(**options)``, prints ``report(result)`` and writes the result to ``--json`` when given.
     """
+    defaults = inspect.signature(run).parameters
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    for name, (kind, default) in options.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+    for name, kind in types.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name].default)
     parser.add_argument("--json", help="also write the measured result to this file")
     args = vars(parser.parse_args())
     path = args.pop("json")

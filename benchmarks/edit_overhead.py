@@ -72,7 +72,7 @@ def report(r: dict) -> str:
 
 
 def main() -> None:
-    script_main(__doc__, run, report, {"requests": (int, 100), "z_steps": (int, 3), "repeat": (int, 3), "tau": (float, 0.1)})
+    script_main(__doc__, run, report, {"requests": int, "z_steps": int, "repeat": int, "tau": float})
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def report(r: dict) -> str:
 
 
 def main() -> None:
-    script_main(__doc__, run, report, {"requests": (int, 20), "batch": (int, 10), "z_steps": (int, None), "chunk": (int, 16)})
+    script_main(__doc__, run, report, {"requests": int, "batch": int, "z_steps": int, "chunk": int})
 
 
 if __name__ == "__main__":

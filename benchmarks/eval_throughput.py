@@ -70,7 +70,7 @@ def report(r: dict) -> str:
 
 
 def main() -> None:
-    script_main(__doc__, run, report, {"records": (int, 50)})
+    script_main(__doc__, run, report, {"records": int})
 
 
 if __name__ == "__main__":

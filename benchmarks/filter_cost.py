@@ -45,7 +45,8 @@ def dense_projectors(delta: torch.Tensor, basis) -> torch.Tensor:
     return pu @ delta @ pv
 
 
-def run(shapes: str = "576x1536,1600x6400,4096x14336", tau: float = 0.1, device: str = "cpu") -> list[dict]:
+def run(shapes: str = "576x1536,1600x6400,4096x14336", tau: float = 0.1, device: str | None = None) -> list[dict]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for shape in shapes.split(","):
         m, n = (int(x) for x in shape.split("x"))
@@ -88,8 +89,7 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    script_main(__doc__, run, report, {"shapes": (str, "576x1536,1600x6400,4096x14336"), "tau": (float, 0.1),
-                                          "device": (str, "cuda" if torch.cuda.is_available() else "cpu")})
+    script_main(__doc__, run, report, {"shapes": str, "tau": float, "device": str})
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def report(r: dict) -> str:
 
 
 def main() -> None:
-    script_main(__doc__, run, report, {"edits": (int, 1000), "every": (int, 100), "batch": (int, 100), "data": (str, None)})
+    script_main(__doc__, run, report, {"edits": int, "every": int, "batch": int, "data": str})
 
 
 if __name__ == "__main__":

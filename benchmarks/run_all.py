@@ -25,17 +25,13 @@ from common import ROOT, machine
 OUT = ROOT / "docs" / "benchmarks"
 DOC = ROOT / "docs" / "benchmarks.md"
 
-#: name: (title, module, full-size arguments, --quick arguments)
+#: name: (title, module, --quick arguments); full size is each script's own defaults.
 FIGURES = {
-    "overhead": ("1. Filter overhead on a MEMIT edit step", edit_overhead,
-                 {"requests": 100, "z_steps": 3, "repeat": 3}, {"requests": 10, "z_steps": 2, "repeat": 1}),
-    "filter": ("2. Filter cost vs dense projectors, and the basis cache", filter_cost,
-               {"shapes": "576x1536,1600x6400,4096x14336"}, {"shapes": "576x1536,1600x6400"}),
-    "eval": ("3. Evaluation throughput", eval_throughput, {"records": 50}, {"records": 10}),
-    "memory": ("4. Memory over a long run", long_run_memory,
-               {"edits": 1000, "every": 100, "batch": 100}, {"edits": 40, "every": 20, "batch": 20}),
-    "edits": ("5. Edit throughput: batched z optimisation", edit_throughput,
-              {"requests": 20, "batch": 10}, {"requests": 4, "batch": 4, "z_steps": 4}),
+    "overhead": ("1. Filter overhead on a MEMIT edit step", edit_overhead, {"requests": 10, "z_steps": 2, "repeat": 1}),
+    "filter": ("2. Filter cost vs dense projectors, and the basis cache", filter_cost, {"shapes": "576x1536,1600x6400"}),
+    "eval": ("3. Evaluation throughput", eval_throughput, {"records": 10}),
+    "memory": ("4. Memory over a long run", long_run_memory, {"edits": 40, "every": 20, "batch": 20}),
+    "edits": ("5. Edit throughput: batched z optimisation", edit_throughput, {"requests": 4, "batch": 4, "z_steps": 4}),
 }
 
 
@@ -54,7 +50,7 @@ def write_doc() -> None:
              "Measured by `make bench` (`python benchmarks/run_all.py`); each section is rebuilt from "
              "`docs/benchmarks/<figure>.json`, written by the run that measured it. Targets are those of the "
              "performance issue; where one is not met the section says so and why.", ""]
-    for name, (title, module, _, _) in FIGURES.items():
+    for name, (title, module, _) in FIGURES.items():
         path = OUT / f"{name}.json"
         if not path.exists():
             parts += [f"## {title}", "", "_not measured yet: `python benchmarks/run_all.py --only " + name + "`_", ""]
@@ -86,10 +82,10 @@ def main() -> None:
         raise SystemExit(f"unknown figure(s) {unknown}; choose from {list(FIGURES)}")
     OUT.mkdir(parents=True, exist_ok=True)
     for name in names:
-        title, module, full, quick = FIGURES[name]
+        title, module, quick = FIGURES[name]
         print(f"\n== {title}", flush=True)
         began = time.perf_counter()
-        result = module.run(**(quick if args.quick else full))
+        result = module.run(**(quick if args.quick else {}))
         seconds = time.perf_counter() - began
         print(module.report(result), flush=True)
         if args.quick:
