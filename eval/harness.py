@@ -14,6 +14,8 @@ import json
 import logging
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,8 @@ from tqdm.auto import tqdm
 from revive_plugin.config import ReviveConfig
 from revive_plugin.filter import ReviveFilter
 
+#: Pre-edit measurements kept in the checkpoint's state so a resumed run compares with the same baseline.
+BASELINE_KEYS = ("pre_locality", "glue_baseline", "ppl_baseline")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -44,6 +48,7 @@ class RunConfig:
     revive: dict = field(default_factory=dict)     # the revive block when "revive" is in transforms
     dataset: str = "counterfact"                   # counterfact | zsre
     data: Optional[str] = None                     # data file; None: the shipped sample
+    order: str = "file"                            # file: records in file order | seeded: a permutation by `seed`
     edits: int = 10
     batch_size: int = 1                            # requests per edit step
     eval_every: int = 10                           # checkpoint + evaluation every N edits (and at the end)
@@ -51,6 +56,10 @@ class RunConfig:
     glue: dict = field(default_factory=lambda: {"tasks": ["sst2", "mrpc", "cola", "rte"], "n_per_task": 50,
                                                  "few_shot": 0, "dir": None})
     monitor_tau: float = 0.1                       # k of the LS/SS monitors (independent of the filter)
+    eval_last_batch: bool = True                   # also score the batch just edited (last_batch_* metrics)
+    eval_all_at_end: bool = False                  # the last checkpoint evaluates every edited fact
+    ppl: Optional[dict] = field(default_factory=lambda: {"data": None, "n": 200, "max_tokens": 128})
+    collapse_ppl_ratio: float = 2.0                # a checkpoint is flagged collapsed at ppl >= ratio × pre-edit ppl
     fluency_prompts: int = 10                      # generation prompts of edited facts for Fluency (0: off)
     fluency_tokens: int = 40                       # greedy tokens generated per prompt
     seed: int = 0
@@ -58,6 +67,8 @@ class RunConfig:
     device: Optional[str] = None                   # None: CPU without a GPU, else easyeditor's cuda:{device}
 
     def __post_init__(self) -> None:
+        if self.order not in ("file", "seeded"):
+            raise ValueError(f"order must be 'file' or 'seeded' (a permutation of the records by seed), got {self.order!r}")
         if self.dataset not in ("counterfact", "zsre"):
             raise ValueError(f"dataset must be 'counterfact' or 'zsre', got {self.dataset!r}")
         for key in ("edits", "batch_size", "eval_every"):
@@ -66,6 +77,13 @@ class RunConfig:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
         if not (self.eval_facts == "all" or (isinstance(self.eval_facts, int) and self.eval_facts > 0)):
             raise ValueError(f"eval_facts must be 'all' or a positive integer, got {self.eval_facts!r}")
+        if self.ppl is not None:
+            unknown = sorted(set(self.ppl) - {"data", "n", "max_tokens"})
+            if not isinstance(self.ppl, dict) or unknown:
+                raise ValueError(f"ppl must be null or a mapping with keys data, n, max_tokens; got {self.ppl!r}")
+        if isinstance(self.collapse_ppl_ratio, bool) or not isinstance(self.collapse_ppl_ratio, (int, float)) \
+                or self.collapse_ppl_ratio <= 1:
+            raise ValueError(f"collapse_ppl_ratio must be a number > 1, got {self.collapse_ppl_ratio!r}")
         if not isinstance(self.transforms, list):
             raise ValueError(f"transforms must be a list of plugin names, got {self.transforms!r}")
         if "revive" in self.transforms:
@@ -127,6 +145,17 @@ def _resolve_file(path: str) -> Path:
     if (PACKAGE_ROOT / path).exists():
         return PACKAGE_ROOT / path
     raise FileNotFoundError(f"{path} not found (relative paths are tried from the cwd and from {PACKAGE_ROOT})")
+
+
+def ordered_cases(config: RunConfig) -> list[Any]:
+    """Every record of the run's data, in the order the run edits them (``order``: file or seeded)."""
+    from .datasets import load_counterfact, load_zsre
+
+    loader = load_counterfact if config.dataset == "counterfact" else load_zsre
+    cases = loader(_resolve_file(config.data) if config.data else None, limit=None)
+    if config.order == "seeded":
+        random.Random(config.seed).shuffle(cases)
+    return cases
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -191,6 +220,20 @@ def locality_argmax(model: Any, tok: Any, cases: Sequence[Any]) -> dict[str, lis
     return out
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _sigterm_as_interrupt() -> Any:
+    """Treat SIGTERM like Ctrl-C (roll back the unfinished step, save a checkpoint); returns the old handler.
+
+    A sitting that ends, a scheduler or ``kill`` sends SIGTERM; only the main thread can install handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 # -- the run -------------------------------------------------------------------------------------
 class Run:
     """A sequential editing run in ``run_dir`` (create with ``Run.start``, continue with ``Run.resume``)."""
@@ -199,6 +242,8 @@ class Run:
         self.config = config
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / "checkpoint"
+        self.initial: dict[str, torch.Tensor] = {}   # W₀ of the edited weights (protected-subspace monitors)
+        self.ppl_texts: list[str] = []
 
     # setup
     @classmethod
@@ -214,11 +259,29 @@ class Run:
         return cls(config, run_dir)
 
     @classmethod
-    def resume(cls, run_dir: str | Path) -> "Run":
+    def resume(cls, run_dir: str | Path, edits: Optional[int] = None) -> "Run":
+        """Continue the run in ``run_dir``; ``edits`` extends (or sets) its target number of edits.
+
+        Extending is exact: edits are taken from the same ordered data, so ``--resume DIR --edits 2000`` after a
+        1,000-edit run reaches the weights of an uninterrupted 2,000-edit run (its checkpoint rows at 1,000
+        stay as they were measured).
+        """
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").exists():
             raise FileNotFoundError(f"{run_dir} has no config.yaml: not a run directory")
-        config = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir))
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if edits is not None and edits != data.get("edits"):
+            state = run_dir / "checkpoint" / "state.json"
+            done = json.loads(state.read_text())["edits_done"] if state.exists() else 0
+            if edits < done:
+                raise ValueError(f"--edits {edits} is below the {done} edits {run_dir} has already made; "
+                                 "a run cannot be shortened (start a new one)")
+            data["edits"] = edits
+            config = RunConfig.from_dict(data, source=str(run_dir))
+            if len(ordered_cases(config)) < edits:
+                raise ValueError(f"--edits {edits}: the run's data has only {len(ordered_cases(config))} records")
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        config = RunConfig.from_dict(data, source=str(run_dir))
         return cls(config, run_dir)
 
     def _load_hparams(self) -> Any:
@@ -253,10 +316,7 @@ class Run:
         return hp
 
     def _cases(self) -> list[Any]:
-        from .datasets import load_counterfact, load_zsre
-
-        loader = load_counterfact if self.config.dataset == "counterfact" else load_zsre
-        cases = loader(self.config.data, limit=None)
+        cases = ordered_cases(self.config)
         if len(cases) < self.config.edits:
             raise ValueError(f"{self.config.dataset} data has {len(cases)} records; {self.config.edits} edits asked. "
                              "Pass a larger set with --data PATH (e.g. ../shared/data/counterfact/counterfact_mend.json.gz)")
@@ -317,23 +377,37 @@ class Run:
                   state: dict) -> dict[str, Any]:
         from revive_plugin.adapters.easyedit import target_weights
 
+        cfg = self.config
         row: dict[str, Any] = {"edits": done}
         glue = state.get("glue_baseline") if done == 0 else None  # the pre-edit row reuses the baseline
         if done:
             edited = cases[:done]
-            if self.config.eval_facts != "all" and len(edited) > self.config.eval_facts:
-                rng = random.Random(self.config.seed)
-                edited = sorted(rng.sample(edited, self.config.eval_facts), key=lambda c: c.case_id)
+            final = done == cfg.edits and cfg.eval_all_at_end
+            if cfg.eval_facts != "all" and len(edited) > cfg.eval_facts and not final:
+                rng = random.Random(cfg.seed)
+                edited = sorted(rng.sample(edited, cfg.eval_facts), key=lambda c: c.case_id)
             row["facts_evaluated"] = len(edited)
             row.update(evaluate_facts(model, tok, edited, state.get("pre_locality")))
-            prompts = [c.generation_prompts[0] for c in edited if c.generation_prompts][: self.config.fluency_prompts]
+            if cfg.eval_last_batch:
+                last = cases[(done - 1) // cfg.batch_size * cfg.batch_size:done]
+                scores = evaluate_facts(model, tok, last, state.get("pre_locality"))
+                row.update({f"last_batch_{k}": v for k, v in scores.items() if not k.startswith("easyedit_")})
+            prompts = [c.generation_prompts[0] for c in edited if c.generation_prompts][: cfg.fluency_prompts]
             if prompts:
                 from .generation import generate_texts
                 from .metrics import n_gram_entropy
 
-                texts = generate_texts(model, tok, prompts, max_new_tokens=self.config.fluency_tokens)
+                texts = generate_texts(model, tok, prompts, max_new_tokens=cfg.fluency_tokens)
                 row["fluency"] = n_gram_entropy(texts)
                 row["fluency_prompts"] = len(prompts)
+        if self.ppl_texts and "ppl_baseline" in state:
+            from .perplexity import perplexity
+
+            measured = state["ppl_baseline"] if done == 0 else perplexity(
+                model, tok, self.ppl_texts, max_tokens=cfg.ppl.get("max_tokens", 128), progress="perplexity")
+            row.update(measured)
+            row["ppl_rel"] = row["ppl"] / state["ppl_baseline"]["ppl"]
+            row["collapsed"] = row["ppl_rel"] >= cfg.collapse_ppl_ratio
         if probe is not None:
             glue = glue or probe.evaluate(model, tok)
             for task, metrics in glue.items():
@@ -345,7 +419,7 @@ class Run:
         for t in target_weights(model, hp):
             if t.view().ndim != 2:
                 continue
-            for k, v in monitor.monitor(t.name, t.view()).items():
+            for k, v in monitor.monitor(t.name, t.view(), self.initial.get(t.name)).items():
                 row[f"spectral/{t.name}/{k}"] = v
         return row
 
@@ -392,6 +466,11 @@ class Run:
             editor = BaseEditor.from_hparams(hp)
         model, tok = editor.model, editor.tok
         host = host_for(model)
+        self.initial = {t.name: t.view().detach().clone() for t in target_weights(model, hp) if t.view().ndim == 2}
+        if cfg.ppl is not None:
+            from .perplexity import load_sentences
+
+            self.ppl_texts = load_sentences(cfg.ppl.get("data"), cfg.ppl.get("n"))
         probe = None
         if cfg.glue and cfg.glue.get("tasks"):
             probe = GlueProbe(cfg.glue["tasks"], n_per_task=cfg.glue.get("n_per_task", 50), seed=cfg.seed,
@@ -405,6 +484,9 @@ class Run:
             rows = [r for r in rows if r["edits"] <= done]  # drop rows written after the checkpoint
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
             print(f"[revive] resuming {self.run_dir} at {done}/{cfg.edits} edits")
+            if self.ppl_texts and "ppl_baseline" not in state:
+                print("[revive] this run's checkpoint has no pre-edit perplexity (it predates the measure): "
+                      "perplexity is not reported for it")
         else:
             done = 0
             began = time.perf_counter()
@@ -415,16 +497,22 @@ class Run:
             state = {"pre_locality": locality_argmax(model, tok, cases)}
             if probe is not None:
                 state["glue_baseline"] = probe.evaluate(model, tok)
+            if self.ppl_texts:
+                from .perplexity import perplexity
+
+                state["ppl_baseline"] = perplexity(model, tok, self.ppl_texts,
+                                                   max_tokens=cfg.ppl.get("max_tokens", 128), progress="perplexity")
             row = self._evaluate(0, model, tok, hp, cases, probe, monitor, state)
             metrics_path.write_text(json.dumps(row) + "\n")
-            self._save(0, model, hp, host, monitor, {k: state[k] for k in ("pre_locality", "glue_baseline") if k in state})
+            self._save(0, model, hp, host, monitor, {k: state[k] for k in BASELINE_KEYS if k in state})
             clock["eval"] = time.perf_counter() - began
             self._record_resources(0, host, clock)
-        extra = {k: state[k] for k in ("pre_locality", "glue_baseline") if k in state}
+        extra = {k: state[k] for k in BASELINE_KEYS if k in state}
         target = cfg.edits if stop_after is None else min(cfg.edits, stop_after)
         evaluated = {json.loads(line)["edits"] for line in metrics_path.read_text().splitlines() if line.strip()}
         bar = tqdm(total=cfg.edits, initial=done, desc=f"{cfg.name} edits", unit="edit")
         start, start_done = time.time(), done
+        previous_term = _sigterm_as_interrupt()
         try:
             while True:
                 # Evaluate before editing on: a run interrupted during a checkpoint's evaluation redoes it.
@@ -459,6 +547,8 @@ class Run:
             raise
         finally:
             bar.close()
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
         if done >= cfg.edits:
             write_report(self.run_dir)
         return self.run_dir

@@ -1,4 +1,4 @@
-"""The ``revive`` command: plugins, prepare-model, edit-stats, demo, eval, compare."""
+"""The ``revive`` command: plugins, prepare-model, edit-stats, demo, eval, calibrate, compare."""
 from __future__ import annotations
 
 import argparse
@@ -62,7 +62,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.harness import Run, RunConfig
 
     if args.resume:
-        run = Run.resume(args.resume)
+        fixed = [f"--{k.replace('_', '-')}" for k in ("batch_size", "eval_every", "data", "seed", "output")
+                 if getattr(args, k) is not None] + (["--set"] if args.set else []) + (["CONFIG"] if args.config else [])
+        if fixed:
+            raise ValueError(f"--resume continues a run with the settings it started with; {', '.join(fixed)} cannot "
+                             "change them (a resumed run must reach the same numbers as an uninterrupted one). Only "
+                             "--edits may be given, to extend the run; start a new run for other settings")
+        run = Run.resume(args.resume, edits=args.edits)
     else:
         if not args.config:
             raise ValueError("give a run config (e.g. smollm2-memit-revive) or --resume RUN_DIR")
@@ -78,6 +84,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print(f"results: {out}/summary.md, {out}/metrics.jsonl, {out}/*.png")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from .eval.calibrate import calibrate, parse_grid
+    from .eval.harness import RunConfig
+
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data={args.data}")
+    config = RunConfig.from_yaml(args.config, overrides)
+    command = "revive " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["calibrate"] else ""
+    calibrate(config, parse_grid(args.grid), args.records, Path(args.output), ppl_sentences=args.ppl_data,
+              command=command)
+    print(f"results: {args.output}/calibration.md, {args.output}/calibration.jsonl")
     return 0
 
 
@@ -125,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (default: the config's output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="edit one held-out batch per hparams grid point and measure it")
+    p.add_argument("config", help="run config YAML (path or name in eval/configs): hparams, batched_z, dataset, seed")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2]",
+                   help="hparams values to try (e.g. mom2_update_weight=[15000,1500]); several --grid make a product")
+    p.add_argument("--records", type=int, default=100, help="held-out requests edited as one batch (default 100)")
+    p.add_argument("--data", help="dataset file (held-out records come from it; the shipped sample is excluded)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config setting")
+    p.add_argument("--ppl-data", dest="ppl_data", help="perplexity sentences (default: the shipped 200 ME-PPL)")
+    p.add_argument("--output", default="runs/calibration", help="where calibration.md/.jsonl go")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("compare", help="several runs in one table and one set of plots")
     p.add_argument("runs", nargs="+", help="run directories")

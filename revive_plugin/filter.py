@@ -13,6 +13,7 @@ from .spectral import (
     project_out,
     project_out_factors,
     protected_basis,
+    protected_drift,
     subspace_overlap,
     top_singular_vectors,
     vector_similarity,
@@ -93,10 +94,11 @@ class ReviveFilter:
         return project_out_factors(left, right, self.basis_for(name, weight))
 
     # -- monitors --------------------------------------------------------------------------------
-    def monitor(self, name: str, weight: torch.Tensor) -> dict[str, float]:
+    def monitor(self, name: str, weight: torch.Tensor, initial: Optional[torch.Tensor] = None) -> dict[str, float]:
         """Drift of ``name``'s dominant subspace from W₀ to the current ``weight``.
 
-        Returns ls (‖U₀ₖᵀUₜₖ‖²_F / k), ss (mean |u₀ᵢᵀuₜᵢ|, i ≤ k), fro_norm, sigma_max and k (of W₀).
+        Returns ls (‖U₀ₖᵀUₜₖ‖²_F / k), ss (mean |u₀ᵢᵀuₜᵢ|, i ≤ k), fro_norm, sigma_max and k (of W₀); given
+        ``initial`` (W₀ itself), also the protected-subspace measures of ``spectral.protected_drift``.
         The first call for a parameter makes ``weight`` its W₀.
         """
         reference = self.observe(name, weight)
@@ -108,6 +110,7 @@ class ReviveFilter:
             "fro_norm": float(torch.linalg.vector_norm(weight.detach().double())),
             "sigma_max": float(s[0]) if s.numel() else 0.0,
             "k": int(reference.k),
+            **(protected_drift(reference, weight, initial) if initial is not None else {}),
         }
 
     # -- checkpointing ---------------------------------------------------------------------------

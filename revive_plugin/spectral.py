@@ -197,3 +197,38 @@ def vector_similarity(u0: torch.Tensor, ut: torch.Tensor) -> float:
         return 1.0
     dots = (u0.to(torch.float64) * ut.to(device=u0.device, dtype=torch.float64)).sum(0).abs()
     return float(dots.mean())
+
+
+def protected_drift(basis: ProtectedBasis, weight: torch.Tensor, initial: torch.Tensor) -> dict[str, float]:
+    """How much of the accumulated edit W − W₀ lies in W₀'s protected subspace, and how large the rest grew.
+
+    With Δ = W − W₀ and W₀'s top-k factors (Uₖ, Vₖ, σₖ):
+
+    * ``delta_fro`` ‖Δ‖_F and ``delta_rel`` ‖Δ‖_F / ‖W₀‖_F;
+    * ``protected_left`` ‖UₖᵀΔ‖_F / ‖Δ‖_F and ``protected_right`` ‖ΔVₖ‖_F / ‖Δ‖_F: 0 when every edit left the
+      protected subspace alone (REVIVE's invariant), whatever the spectrum of W now looks like — unlike LS/SS,
+      which match W's current top-k vectors by rank and drop once complement directions outgrow σₖ;
+    * ``complement_sigma_max`` σ₁((I − UₖUₖᵀ) W (I − VₖVₖᵀ)) and ``complement_over_sigma_k``, its ratio to σₖ(W₀):
+      above 1, a direction outside the protected subspace has become larger than the smallest protected one.
+    """
+    dtype = _compute_dtype(weight)
+    w = weight.detach().to(dtype)
+    w0 = initial.detach().to(device=w.device, dtype=dtype)
+    u, v = basis.u.to(device=w.device, dtype=dtype), basis.v.to(device=w.device, dtype=dtype)
+    delta = w - w0
+    norm = float(torch.linalg.matrix_norm(delta))
+    w0_norm = float(torch.linalg.matrix_norm(w0))
+    left = float(torch.linalg.matrix_norm(u.T @ delta)) if basis.k else 0.0
+    right = float(torch.linalg.matrix_norm(delta @ v)) if basis.k else 0.0
+    complement = w - u @ (u.T @ w)
+    complement = complement - (complement @ v) @ v.T
+    c_max = float(torch.linalg.matrix_norm(complement, ord=2))
+    sigma_k = float(basis.singular_values[-1]) if basis.k else 0.0
+    return {
+        "delta_fro": norm,
+        "delta_rel": norm / w0_norm if w0_norm else 0.0,
+        "protected_left": left / norm if norm else 0.0,
+        "protected_right": right / norm if norm else 0.0,
+        "complement_sigma_max": c_max,
+        "complement_over_sigma_k": c_max / sigma_k if sigma_k else float("inf"),
+    }

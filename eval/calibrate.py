@@ -1,0 +1,158 @@
+"""Calibrate an editor's hparams on held-out records: one fresh batch edited and measured per grid point.
+
+Published MEMIT/ROME land ~100% of a fresh batch; hparams carried to a new model must be checked for that
+before any long comparison. For every point of a grid over hparams settings (``mom2_update_weight``,
+``v_num_grad_steps``, ``v_lr``, ``layers``, …) this edits the same ``records`` held-out requests as one
+batch into the unedited model, measures efficacy / generalization / specificity on exactly those records and
+the perplexity of the shipped ME-PPL sentences, then restores the weights for the next point.
+
+Held-out records: the run's data with the shipped samples' case ids removed, in the run's seeded order
+(``order: seeded`` permutes by ``seed``), taken from the end, so a study that edits from the front of the
+same order does not meet them before its last ``records`` edits.
+
+Target vectors do not depend on the solve's settings (λ = ``mom2_update_weight``, the covariance sample
+count): with the batched z path, points that share the z settings reuse the first point's vectors, so a λ
+sweep costs one z optimisation. Writes ``calibration.jsonl`` (one row per point, with the settings) and
+``calibration.md``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import yaml
+
+from .harness import Run, RunConfig, evaluate_facts, ordered_cases
+
+#: hparams that change MEMIT's target vectors (everything else only changes the solve).
+Z_SETTINGS = ("v_num_grad_steps", "v_lr", "v_loss_layer", "v_weight_decay", "kl_factor", "clamp_norm_factor",
+              "layers", "fact_token", "layer_module_tmp")
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """``key=[v1, v2]`` (or ``key=v``) items into an ordered grid (values parsed as YAML)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"grid item {item!r} must look like key=[v1, v2] (e.g. mom2_update_weight=[15000, 1500])")
+        key, raw = item.split("=", 1)
+        values = yaml.safe_load(raw)
+        grid[key.strip()] = values if isinstance(values, list) else [values]
+        if not grid[key.strip()]:
+            raise ValueError(f"grid item {item!r} has no values")
+    return grid
+
+
+def heldout_cases(config: RunConfig, records: int) -> list[Any]:
+    """The last ``records`` of the run's order, shipped-sample records excluded."""
+    from .datasets import load_counterfact, load_zsre
+
+    shipped = {c.case_id for c in (load_counterfact(None) if config.dataset == "counterfact" else load_zsre(None))}
+    pool = [c for c in ordered_cases(config) if c.case_id not in shipped]
+    if len(pool) < records:
+        raise ValueError(f"{config.data or 'the shipped sample'} has {len(pool)} records outside the shipped sample; "
+                         f"{records} held-out records asked. Pass a larger set with --data")
+    return pool[-records:]
+
+
+@contextlib.contextmanager
+def _reuse_target_vectors() -> Any:
+    """Within the block, batched z vectors are computed once per (requests, layer, z settings)."""
+    from revive_plugin.adapters import batched_z
+
+    original = batched_z.compute_zs
+    memo: dict[str, list[torch.Tensor]] = {}
+
+    def compute_zs(model: Any, tok: Any, requests: Any, hparams: Any, layer: int, templates: Any, **kw: Any) -> Any:
+        key = json.dumps([[dict(r) for r in requests], layer, templates,
+                          {k: getattr(hparams, k, None) for k in Z_SETTINGS}], sort_keys=True, default=str)
+        if key not in memo:
+            memo[key] = original(model, tok, requests, hparams, layer, templates, **kw)
+        return memo[key]
+
+    batched_z.compute_zs = compute_zs
+    try:
+        yield
+    finally:
+        batched_z.compute_zs = original
+
+
+def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, output: Path,
+              ppl_sentences: Optional[str] = None, command: str = "") -> list[dict[str, Any]]:
+    """Edit the held-out batch once per grid point; rows of settings and measures (also written to ``output``)."""
+    from revive_plugin.adapters.compat import import_easyeditor
+    from revive_plugin.adapters.easyedit import enable_easyedit
+
+    from .perplexity import load_sentences, perplexity
+
+    output.mkdir(parents=True, exist_ok=True)
+    enable_easyedit(device=config.device)
+    logging.getLogger("easyeditor").setLevel(logging.WARNING)
+    run = Run(config, output)
+    hp = run._load_hparams()
+    for key in grid:
+        if not hasattr(hp, key):
+            raise ValueError(f"grid: {hp.alg_name} hparams have no setting {key!r}")
+    cases = heldout_cases(config, records)
+    texts = load_sentences(ppl_sentences)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    with contextlib.redirect_stdout(io.StringIO()):
+        editor = import_easyeditor("easyeditor.editors.editor").BaseEditor.from_hparams(hp)
+    model, tok = editor.model, editor.tok
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base = {"point": "unedited", **perplexity(model, tok, texts, progress="ppl"),
+            **evaluate_facts(model, tok, cases)}
+    rows = [base]
+    defaults = {k: getattr(hp, k) for k in grid}
+    jsonl = output / "calibration.jsonl"
+    jsonl.write_text(json.dumps(base) + "\n")
+    requests = [c.to_request() for c in cases]
+    with _reuse_target_vectors():
+        for values in itertools.product(*grid.values()):
+            settings = dict(zip(grid, values))
+            for k, v in {**defaults, **settings}.items():
+                setattr(hp, k, v)
+            began = time.perf_counter()
+            groups = [[r] for r in requests] if hp.alg_name == "ROME" else [requests]
+            for group in groups:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    editor.apply_algo(model, tok, group, hp, copy=False, return_orig_weights=False,
+                                      keep_original_weight=False)
+            row = {"point": settings, "edit_seconds": round(time.perf_counter() - began, 1),
+                   **evaluate_facts(model, tok, cases), **perplexity(model, tok, texts, progress="ppl")}
+            row["ppl_rel"] = row["ppl"] / base["ppl"]
+            rows.append(row)
+            with jsonl.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"[calibrate] {settings}: efficacy {row['efficacy']:.3f} generalization "
+                  f"{row['generalization']:.3f} specificity {row['specificity']:.3f} ppl {row['ppl']:.2f}", flush=True)
+            with torch.no_grad():
+                model.load_state_dict(original)
+    write_table(rows, config, records, output, command)
+    return rows
+
+
+def write_table(rows: list[dict[str, Any]], config: RunConfig, records: int, output: Path, command: str) -> None:
+    """``calibration.md``: one line per grid point."""
+    cols = ["efficacy", "generalization", "specificity", "efficacy_magnitude", "ppl", "ppl_rel", "edit_seconds"]
+    lines = [f"# Calibration: {config.name} ({config.hparams})", "",
+             f"{records} held-out {config.dataset} records ({config.data}, order {config.order}, seed {config.seed}, "
+             "shipped-sample records excluded), edited as one batch into the unedited model at each point; "
+             "measures on exactly those records, perplexity on the shipped ME-PPL sentences.", ""]
+    if command:
+        lines += ["Command:", "", "```", command, "```", ""]
+    lines += ["| point | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        point = r["point"] if isinstance(r["point"], str) else ", ".join(f"{k}={v}" for k, v in r["point"].items())
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        lines.append(f"| {point} | " + " | ".join(cells) + " |")
+    (output / "calibration.md").write_text("\n".join(lines) + "\n")
