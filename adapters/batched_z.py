@@ -12,16 +12,19 @@ together, with the same objective, optimiser and stopping rule as easyeditor's, 
 * exact savings, not approximations: the log-softmax is taken only at the target tokens (easyeditor takes it
   at every position of every prompt and discards the rest), the model's own logits are not materialised
   (the KL row's logits come from the final norm through the output embeddings), prompts of many requests
-  share one padded forward, in chunks of ``chunk`` requests so memory stays bounded, and the positions before
+  share one padded forward, in chunks of ``chunk`` requests so memory stays bounded, the positions before
   each prompt's lookup token — which δ cannot reach in a causal model — are run once and kept as cached
-  keys/values, so each step runs only the rest of the prompt.
+  keys/values, so each step runs only the rest of the prompt, and the layers up to the z layer, whose output
+  δ is added to and so cannot change, run once per chunk: later steps start from their saved output
+  (``skip_lower``; for decoder layers that return a plain tensor, as LLaMA-family layers do).
 
 Only ``compute_z`` is replaced; key computation, covariance and the update stay easyeditor's.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -164,6 +167,27 @@ def _cache_from(saved: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> Any:
     return DynamicCache(saved)
 
 
+@contextlib.contextmanager
+def _reusing_lower_layers(below: Sequence[torch.nn.Module], z_layer: torch.nn.Module,
+                          saved: Optional[torch.Tensor]) -> Iterator[None]:
+    """Within the block the layers below the z layer pass their input through and the z layer returns
+    ``saved`` (its output at the chunk's first step), so a step computes only the layers above (no-op if None).
+
+    The z layer's forward hooks still run on ``saved``: that is where δ is added.
+    """
+    if saved is None:
+        yield
+        return
+    for m in below:
+        m.forward = lambda hidden_states, *args, **kwargs: hidden_states
+    z_layer.forward = lambda *args, **kwargs: saved
+    try:
+        yield
+    finally:
+        for m in (*below, z_layer):
+            del m.forward
+
+
 def compute_zs(
     model: torch.nn.Module,
     tok: Any,
@@ -174,6 +198,7 @@ def compute_zs(
     chunk: int = 16,
     progress: bool = True,
     prefix_cache: bool = True,
+    skip_lower: bool = True,
 ) -> list[torch.Tensor]:
     """Target vectors v* = h + δ at ``layer`` for every request, optimised together (see module docstring).
 
@@ -181,6 +206,8 @@ def compute_zs(
     :param chunk: requests per forward pass (bounds activation memory; results do not depend on it).
     :param prefix_cache: compute the positions before each lookup token once (keys/values cached) instead of
         at every step; exact, and off only for models whose forward takes no ``past_key_values``.
+    :param skip_lower: run the layers up to ``layer`` once per chunk and reuse their output at later steps; exact
+        (the same tensors), used where those layers return a plain tensor.
     :returns: one [d] tensor per request, in order.
     """
     if chunk < 1:
@@ -200,6 +227,8 @@ def compute_zs(
     prefix_cache = prefix_cache and "past_key_values" in forward_args and "position_ids" in forward_args
     fill = tok.pad_token_id if tok.pad_token_id is not None else 0
     caches: dict[tuple[int, ...], Any] = {}
+    lower: dict[tuple[int, ...], torch.Tensor] = {}   # per chunk: the z layer's output before δ
+    below = [model.get_submodule(hparams.layer_module_tmp.format(i)) for i in range(layer)]
     n = len(requests)
     d = int(getattr(model.config, "n_embd", None) or model.config.hidden_size)
     delta = torch.zeros((n, d), device=device, requires_grad=True)
@@ -219,6 +248,8 @@ def compute_zs(
             return out
         h = _hidden(out)
         b = state["b"]
+        if skip_lower and isinstance(out, torch.Tensor) and state["key"] not in lower:
+            lower[state["key"]] = out.detach()
         if state["record"]:
             target_init[state["which"]] = h[b["first_rows"], b["idxs"][b["first_rows"]]].detach()
         add = torch.zeros_like(h)
@@ -266,8 +297,10 @@ def compute_zs(
                     kwargs.update(past_key_values=_cache_from(saved), use_cache=True)
                 else:
                     kwargs["use_cache"] = False
-                state.update(b=b, which=torch.tensor(which, device=device), record=(it == 0))
-                model(**b["enc"], **kwargs)
+                key = tuple(which)
+                state.update(b=b, which=torch.tensor(which, device=device), record=(it == 0), key=key)
+                with _reusing_lower_layers(below, layer_mod, lower.get(key)):
+                    model(**b["enc"], **kwargs)
                 normed = state.pop("normed")
                 kl_logits = out_emb(normed[b["kl_rows"], b["idxs"][b["kl_rows"]]])
                 kl_logp = torch.log_softmax(kl_logits, dim=-1)
@@ -294,6 +327,7 @@ def compute_zs(
             active = [i for i in active if i not in set(done_now)]
             if done_now:
                 caches.clear()  # chunks are regrouped from the remaining requests
+                lower.clear()
             bar.set_postfix(active=len(active))
             if it == steps - 1 or not active:
                 break

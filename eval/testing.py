@@ -57,8 +57,9 @@ def tiny_tokenizer(add_bos: bool = True, padding_side: str = "right", corpus: Se
     )
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, max_position_embeddings: int = 512) -> torch.nn.Module:
-    """Randomly initialised 2-layer LLaMA (hidden 32, 4 heads, 2 KV heads) in eval mode, float32."""
+def tiny_llama(vocab_size: int, seed: int = 0, max_position_embeddings: int = 512,
+               num_hidden_layers: int = 2) -> torch.nn.Module:
+    """Randomly initialised LLaMA (2 layers by default, hidden 32, 4 heads, 2 KV heads) in eval mode, float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -66,7 +67,7 @@ def tiny_llama(vocab_size: int, seed: int = 0, max_position_embeddings: int = 51
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_position_embeddings,

@@ -139,3 +139,31 @@ def test_prefix_cache_is_used_and_exact(tmp_path, enabled, model_tok, tiny_model
     split = real(b, 0)
     assert split["prefix"]["input_ids"].tolist() == [[5]] and split["enc"]["input_ids"].tolist() == [[6, 7]]
     assert split["enc"]["position_ids"].tolist() == [[1, 2]] and split["t_pos"].tolist() == [1]
+
+
+def test_layers_up_to_z_run_once_per_chunk_and_exactly(tmp_path, enabled):
+    """z at layer 1 of 3: later steps reuse layers 0–1's output; the vectors are the same tensors as without."""
+    from revive_plugin.eval.testing import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer(add_bos=False)
+    d = tmp_path / "three-layers"
+    tiny_llama(vocab_size=len(tok), seed=1, num_hidden_layers=3).save_pretrained(d)
+    tok.save_pretrained(d)
+    model, tok = load_model(str(d), padding_side="right")
+    hp = load("MEMIT", write_hparams(tmp_path, {**MEMIT, "layers": [1], "v_loss_layer": 2, "v_num_grad_steps": 5}, d))
+    calls = []
+    hook = model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))  # runs only when layer 0 computes
+    reused = bz.compute_zs(model, tok, REQUESTS, hp, 1, TEMPLATES, chunk=2, progress=False)
+    n_reused = len(calls)
+    calls.clear()
+    full = bz.compute_zs(model, tok, REQUESTS, hp, 1, TEMPLATES, chunk=2, progress=False, skip_lower=False)
+    hook.remove()
+    assert len(calls) > n_reused  # without reuse, layer 0 runs at every step
+    for r, f in zip(reused, full):
+        assert torch.equal(r, f)
+    assert all(float((r - full_r).abs().max()) == 0 for r, full_r in zip(reused, full))
+    # the optimisation moved the vectors (δ ≠ 0), so equality is not trivially between two zero updates
+    init = bz.compute_zs(model, tok, REQUESTS, load("MEMIT", write_hparams(
+        tmp_path, {**MEMIT, "layers": [1], "v_loss_layer": 2, "v_num_grad_steps": 1}, d)), 1, TEMPLATES, progress=False)
+    assert all(float((r - i).norm()) > 1e-3 for r, i in zip(reused, init))
+    assert not any("forward" in vars(m) for m in model.model.layers)  # the layers' own forwards are back
