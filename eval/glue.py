@@ -36,7 +36,8 @@ class GlueTask:
     fields: tuple[str, ...]                   # required string fields
     question: Callable[[Record], str]        # prompt text ending with the answer cue
     label_id: Callable[[Record], int]
-    metrics: tuple[str, ...] = ("accuracy", "f1")
+    # AlphaEdit's protocol reports F1 and MCC; MCC (positive = label 1) is defined for the binary tasks only.
+    metrics: tuple[str, ...] = ("accuracy", "f1", "mcc")
 
     def example(self, rec: Record) -> str:
         """A solved example for the few-shot context."""
@@ -92,15 +93,16 @@ TASKS: dict[str, GlueTask] = {
         GlueTask(  # label 1 = acceptable
             "cola", "cola.json", ("No", "Yes"), ("sentence",),
             lambda r: f"Is this sentence linguistically acceptable?\nSentence: {r.str_('sentence')}\nAnswer:",
-            _int_label(2), ("accuracy", "f1", "mcc"),
+            _int_label(2),
         ),
         GlueTask(  # GLUE: 0 = entailment -> "True", 1 = not_entailment -> "False"
             "rte", "rte.json", ("True", "False"), ("sentence1", "sentence2"),
             lambda r: f"{r.str_('sentence1')}\nquestion: {r.str_('sentence2')} True or False?\nanswer:",
             _int_label(2),
         ),
-        GlueTask(  # answer index 0..3 -> A..D; F1 is macro over the four letters
+        GlueTask(  # answer index 0..3 -> A..D; F1 is macro over the four letters; no MCC (not binary)
             "mmlu", "mmlu.json", ("A", "B", "C", "D"), ("question",), _mmlu_question, _mmlu_label,
+            ("accuracy", "f1"),
         ),
         GlueTask(  # string labels, mapped to GLUE ids: entailment 0 -> "True", not_entailment 1 -> "False"
             "nli", "nli.json", ("True", "False"), ("sentence1", "sentence2"),
@@ -207,7 +209,9 @@ class GlueProbe:
         return preds
 
     def evaluate(self, model: torch.nn.Module, tok: Any, batch_size: int = 16) -> dict[str, dict[str, float]]:
-        """Per task ``{"accuracy", "f1"}`` (+ ``"mcc"`` for cola); binary F1 has positive class = label id 1."""
+        """Per task ``{"accuracy", "f1", "mcc"}``: binary tasks (sst2, mrpc, cola, rte, nli) have F1 and MCC
+        with positive class = label id 1 (AlphaEdit's protocol reports both); mmlu (4 classes) has accuracy
+        and macro F1 over the four letters, no MCC."""
         preds = self.predict(model, tok, batch_size=batch_size)
         out: dict[str, dict[str, float]] = {}
         for t in self.tasks:
@@ -215,7 +219,7 @@ class GlueProbe:
             res = {"accuracy": accuracy(y, p)}
             res["f1"] = macro_f1(y, p) if len(TASKS[t].label_words) > 2 else f1(y, p, positive=1)
             if "mcc" in TASKS[t].metrics:
-                res["mcc"] = mcc(y, p)
+                res["mcc"] = mcc(y, p, positive=1)
             out[t] = res
         return out
 

@@ -1,22 +1,71 @@
-"""Reports of runs: summary.md tables and PNG plots of one run, and side-by-side comparisons of several."""
+"""Reports of runs: summary.md tables and grid PNG figures of one run, and side-by-side comparisons of several.
+
+Every figure is a grid of at most 3 panels per row (5 × 3.6 inches each at 100 dpi, so ≤ 1500 px wide and
+readable at 100 % zoom), x = number of edits from the pre-edit point 0, one line per run, and each run's
+collapse point (``collapsed``: ppl ≥ ratio × pre-edit ppl) as a dashed vertical line in the run's colour on
+every panel, its spectral early warning (``eval.collapse``) as a dotted one. Rows of older runs lack
+perplexity, last-batch and protected-subspace keys: their panels and columns are left out, not failed.
+"""
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
+
+from .collapse import (DEFAULT_DELTA_REL, DEFAULT_SIGMA_MAX_RATIO, collapse_measured, collapse_point,
+                       early_warning, layer_values, lead_time, sigma_max_growth)
+
+Row = dict[str, Any]
 
 # Columns of the summary tables, in order, when present.
 HEADLINE = [
     "efficacy_score", "generalization_score", "specificity_score",
     "efficacy", "generalization", "specificity",
     "efficacy_magnitude", "generalization_magnitude", "specificity_magnitude",
-    "easyedit_rewrite_acc", "easyedit_rephrase_acc", "easyedit_locality", "fluency",
+    "easyedit_rewrite_acc", "easyedit_rephrase_acc", "easyedit_locality",
+    "last_batch_efficacy_score", "last_batch_generalization_score", "last_batch_specificity_score",
+    "last_batch_efficacy", "last_batch_generalization", "last_batch_specificity", "fluency",
+]
+GENERAL = ["ppl", "ppl_rel", "collapsed"]
+SPECTRAL = ["ls_mean", "ss_mean", "fro_norm_mean", "sigma_max_mean", "sigma_max_growth_max"]
+PROTECTED = ["protected_left_mean", "protected_right_mean", "delta_rel_mean", "delta_rel_max", "delta_fro_mean",
+             "complement_sigma_max_mean", "complement_over_sigma_k_mean"]
+_GLUE_KEY = re.compile(r"^glue_(.+)_(accuracy|f1|mcc)$")
+_GLUE_METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "mcc": "MCC"}
+
+# A panel: its title in words and the row keys it plots, first present one per run (CounterFact rows have
+# efficacy_score where zsRE rows have efficacy: both runs then share the "Efficacy" panel).
+Panel = tuple[str, tuple[str, ...]]
+EDITING_PANELS: list[list[Panel]] = [
+    [("Efficacy", ("efficacy_score", "efficacy")),
+     ("Generalization", ("generalization_score", "generalization")),
+     ("Specificity", ("specificity_score", "specificity"))],
+    [("Efficacy of the last batch", ("last_batch_efficacy_score", "last_batch_efficacy")),
+     ("Generalization of the last batch", ("last_batch_generalization_score", "last_batch_generalization")),
+     ("Specificity of the last batch", ("last_batch_specificity_score", "last_batch_specificity"))],
+    [("Efficacy magnitude", ("efficacy_magnitude",)),
+     ("Generalization magnitude", ("generalization_magnitude",)),
+     ("Specificity magnitude", ("specificity_magnitude",))],
+    [("Fluency (n-gram entropy)", ("fluency",))],
+]
+SPECTRAL_PANELS: list[list[Panel]] = [
+    [("Subspace overlap LS (mean)", ("ls_mean",)),
+     ("Singular-vector similarity SS (mean)", ("ss_mean",)),
+     ("Largest singular value σ_max (mean)", ("sigma_max_mean",))],
+    [("Frobenius norm ‖W‖_F (mean)", ("fro_norm_mean",)),
+     ("Edit size ‖W − W₀‖_F / ‖W₀‖_F (mean)", ("delta_rel_mean",)),
+     ("Complement σ_max / σ_k(W₀) (mean)", ("complement_over_sigma_k_mean",))],
+    [("Edit share in protected left space (mean)", ("protected_left_mean",)),
+     ("Edit share in protected right space (mean)", ("protected_right_mean",)),
+     ("σ_max / pre-edit σ_max (max over layers)", ("sigma_max_growth_max",))],
 ]
 
 
-def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_rows(run_dir: str | Path) -> list[Row]:
     """The checkpoints' metric rows of a run (``metrics.jsonl``)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
@@ -24,107 +73,269 @@ def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def spectral_means(row: dict[str, Any]) -> dict[str, float]:
-    """Mean over edited layers of each spectral monitor (ls, ss, fro_norm, sigma_max)."""
+def spectral_means(row: Row) -> dict[str, float]:
+    """Mean over edited layers of each spectral monitor (``{metric}_mean``; k, a count, is left out)."""
     sums: dict[str, list[float]] = {}
     for key, value in row.items():
-        if key.startswith("spectral/"):
-            sums.setdefault(key.rsplit("/", 1)[1], []).append(value)
+        if key.startswith("spectral/") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            sums.setdefault(key.rsplit("/", 1)[1], []).append(float(value))
     return {f"{k}_mean": sum(v) / len(v) for k, v in sums.items() if k != "k"}
 
 
-def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    present = set().union(*rows) if rows else set()
-    glue = sorted(k for k in present if k.startswith("glue_") and not k.endswith("_rel")
-                  and (k.endswith("_accuracy") or k.endswith("_mcc")))
-    return [c for c in HEADLINE if c in present] + glue
+def _with_spectral(rows: list[Row]) -> list[Row]:
+    """Rows with the layer means and the two per-layer maxima the early-warning rules look at."""
+    out = []
+    for row, growth in zip(rows, sigma_max_growth(rows)):
+        extra: Row = spectral_means(row)
+        if growth is not None:
+            extra["sigma_max_growth_max"] = growth
+        deltas = layer_values(row, "delta_rel")
+        if deltas:
+            extra["delta_rel_max"] = max(deltas.values())
+        out.append({**row, **extra})
+    return out
+
+
+def _glue_keys(rows: Sequence[Row]) -> list[str]:
+    """glue_{task}_{accuracy|f1|mcc} keys present, tasks in first-seen order, metrics in that order."""
+    tasks: dict[str, set[str]] = {}
+    for row in rows:
+        for key in row:
+            m = _GLUE_KEY.match(key)
+            if m:
+                tasks.setdefault(m.group(1), set()).add(m.group(2))
+    return [f"glue_{t}_{m}" for t, ms in tasks.items() for m in _GLUE_METRIC_NAMES if m in ms]
+
+
+def _present(keys: Sequence[str], rows: Sequence[Row]) -> list[str]:
+    have = set().union(*rows) if rows else set()
+    return [k for k in keys if k in have]
 
 
 def _table(header: list[str], body: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "yes" if v else "no"
         return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in body]
     return "\n".join(lines)
 
 
-def _plot(series: dict[str, list[dict[str, Any]]], keys: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in keys if any(k in r for rows in series.values() for r in rows)]
-    if not keys:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for label, rows in series.items():
-            pts = [(r["edits"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("edits")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _ratio(config: dict) -> float:
+    return float(config.get("collapse_ppl_ratio") or 2.0)  # the harness default; older configs lack the key
 
 
-def _with_spectral(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**r, **spectral_means(r)} for r in rows]
+def _rule_text(ratio: float) -> dict[str, str]:
+    return {
+        "collapse": f"ppl ≥ {ratio:g} × pre-edit ppl on the ME-PPL sentences",
+        "warning": f"any edited layer's σ_max ≥ {DEFAULT_SIGMA_MAX_RATIO:g} × its pre-edit σ_max, or its "
+                   f"‖W − W₀‖_F / ‖W₀‖_F ≥ {DEFAULT_DELTA_REL:g}",
+    }
+
+
+def _collapse_text(rows: Sequence[Row]) -> str:
+    point = collapse_point(rows)
+    if point is not None:
+        return f"{point} edits"
+    if not collapse_measured(rows):
+        return "not measured (no perplexity)"
+    return f"none in {max(int(r['edits']) for r in rows)} edits"
+
+
+def _warning_text(rows: Sequence[Row]) -> str:
+    w = early_warning(rows)
+    return f"{w.edits} edits: {w.describe()}" if w else "none"
+
+
+def _sections(first: str, labels: list[Any], rows: list[Row]) -> list[str]:
+    """The four tables (editing, general ability, spectral, protected subspace) over ``rows``."""
+    out = []
+    editing = _present(HEADLINE, rows)
+    general = _present(GENERAL, rows) + _glue_keys(rows)
+    for title, cols in (("Editing", editing), ("General ability: perplexity and GLUE probes", general),
+                        ("Spectral monitors (mean over edited layers; σ_max growth: max over layers)",
+                         _present(SPECTRAL, rows))):
+        out += [f"## {title}", "", _table([first] + cols, [[lab] + [r.get(c) for c in cols]
+                                                          for lab, r in zip(labels, rows)]), ""]
+    protected = _present(PROTECTED, rows)
+    out += ["## Protected-subspace monitors (mean over edited layers; delta_rel_max: max over layers)", ""]
+    if protected:
+        out += [_table([first] + protected, [[lab] + [r.get(c) for c in protected] for lab, r in zip(labels, rows)]),
+                "", "protected_left/right: share of the accumulated edit W − W₀ inside W₀'s protected top-k "
+                "left/right singular subspace (0 under REVIVE); complement_over_sigma_k: the largest singular "
+                "value outside that subspace over σ_k(W₀) (above 1, an unprotected direction outgrew the "
+                "smallest protected one).", ""]
+    else:
+        out += ["Not recorded by this run (its harness predates these monitors).", ""]
+    return out
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write ``summary.md`` and the plots of one run; returns the summary path."""
+    """Write ``summary.md`` and the figures (editing.png, glue.png, spectral.png) of one run; returns the summary."""
     run_dir = Path(run_dir)
     rows = _with_spectral(read_rows(run_dir))
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cols = _columns(rows)
-    spec = ["ls_mean", "ss_mean", "fro_norm_mean", "sigma_max_mean"]
+    rules = _rule_text(_ratio(config))
+    eval_facts = config.get("eval_facts", "all")
     lines = [f"# {config['name']}", "",
              f"hparams `{config['hparams']}`, transforms {config['transforms'] or 'none'}"
-             f"{' ' + json.dumps(config['revive']) if 'revive' in config['transforms'] else ''}, "
-             f"{config['dataset']} ({config['data'] or 'shipped sample'}), {config['edits']} edits in batches of "
+             f"{' ' + json.dumps(config.get('revive')) if 'revive' in (config['transforms'] or []) else ''}, "
+             f"{config['dataset']} ({config.get('data') or 'shipped sample'}), {config['edits']} edits in batches of "
              f"{config['batch_size']}, evaluation every {config['eval_every']}; facts evaluated: "
-             f"{'all edited so far' if config['eval_facts'] == 'all' else 'a fixed seeded sample of ' + str(config['eval_facts'])}.",
-             "", "## Editing and GLUE", "",
-             _table(["edits"] + cols, [[r["edits"]] + [r.get(c) for c in cols] for r in rows]),
-             "", "## Spectral monitors (mean over edited layers)", "",
-             _table(["edits"] + spec, [[r["edits"]] + [r.get(c) for c in spec] for r in rows]), "",
-             "Fluency: ROME's weighted bi/tri-gram entropy of greedy generations from the edited facts' first "
-             f"generation prompts (up to {config.get('fluency_prompts', 0)}; MEND-format and zsRE data have none). "
-             "Consistency (TF-IDF vs reference snippets) needs ROME's attribute_snippets/idf/tfidf_vocab, "
-             "which are not available here: it is not reported.", ""]
+             f"{'all edited so far' if eval_facts == 'all' else 'a fixed seeded sample of ' + str(eval_facts)}.",
+             "", "## Collapse and early warning", "",
+             f"- Collapse point: {_collapse_text(rows)} (rule: first checkpoint with {rules['collapse']}).",
+             f"- Early warning: {_warning_text(rows)} (rule: {rules['warning']}).",
+             f"- Lead time: {lead_time(rows).description}.", ""]
+    lines += _sections("edits", [r["edits"] for r in rows], rows)
+    lines += ["Fluency: ROME's weighted bi/tri-gram entropy of greedy generations from the edited facts' first "
+              f"generation prompts (up to {config.get('fluency_prompts', 0)}; MEND-format and zsRE data have none). "
+              "Consistency (TF-IDF vs reference snippets) needs ROME's attribute_snippets/idf/tfidf_vocab, "
+              "which are not available here: it is not reported.", ""]
     path = run_dir / "summary.md"
     path.write_text("\n".join(lines))
-    series = {config["name"]: rows}
-    _plot(series, [c for c in cols if not c.startswith("glue_")], run_dir / "editing.png", "editing metrics")
-    _plot(series, [c for c in cols if c.startswith("glue_")], run_dir / "glue.png", "GLUE probes")
-    _plot(series, spec, run_dir / "spectral.png", "spectral monitors")
+    _figures({config["name"]: rows}, {config["name"]: _ratio(config)}, run_dir)
     return path
 
 
 def compare(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
-    """One table (final checkpoint of each run) and one set of plots for several runs."""
+    """One set of tables (final checkpoint of each run), collapse/warning/lead time per run, one set of figures."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    series: dict[str, list[dict[str, Any]]] = {}
+    series: dict[str, list[Row]] = {}
+    ratios: dict[str, float] = {}
     for d in run_dirs:
-        name = yaml.safe_load((Path(d) / "config.yaml").read_text())["name"]
-        label = name if name not in series else f"{name} ({d})"
-        series[label] = _with_spectral(read_rows(d))
-    all_rows = [r for rows in series.values() for r in rows]
-    cols = _columns(all_rows)
-    spec = ["ls_mean", "ss_mean", "fro_norm_mean", "sigma_max_mean"]
-    body = [[label, rows[-1]["edits"]] + [rows[-1].get(c) for c in cols + spec] for label, rows in series.items()]
-    text = "\n".join(["# Comparison (last checkpoint of each run)", "",
-                      _table(["run", "edits"] + cols + spec, body), ""])
+        config = yaml.safe_load((Path(d) / "config.yaml").read_text())
+        label = config["name"] if config["name"] not in series else f"{config['name']} ({d})"
+        series[label], ratios[label] = _with_spectral(read_rows(d)), _ratio(config)
+    labels = list(series)
+    finals = [series[lab][-1] for lab in labels]
+    warn = [[lab, final["edits"], _collapse_text(series[lab]), _warning_text(series[lab]),
+             lead_time(series[lab]).description] for lab, final in zip(labels, finals)]
+    lines = ["# Comparison (last checkpoint of each run)", "",
+             "## Collapse and early warning", "",
+             _table(["run", "edits", "collapse point", "early warning", "lead time"], warn), "",
+             "Collapse: first checkpoint with " + "; ".join(sorted({_rule_text(r)['collapse'] for r in ratios.values()}))
+             + f". Early warning: {_rule_text(2.0)['warning']}.", ""]
+    lines += _sections("run", labels, finals)
+    text = "\n".join(lines)
     (output / "compare.md").write_text(text)
-    _plot(series, [c for c in cols if not c.startswith("glue_")], output / "editing.png", "editing metrics")
-    _plot(series, [c for c in cols if c.startswith("glue_")], output / "glue.png", "GLUE probes")
-    _plot(series, spec, output / "spectral.png", "spectral monitors")
+    _figures(series, ratios, output)
     print(text)
     return output / "compare.md"
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+def _general_panels(rows: Sequence[Row]) -> list[list[Panel]]:
+    grid: list[list[Panel]] = [[("Perplexity (ME-PPL)", ("ppl",)), ("Perplexity / pre-edit perplexity", ("ppl_rel",))]]
+    by_task: dict[str, list[Panel]] = {}
+    for key in _glue_keys(rows):
+        task, metric = _GLUE_KEY.match(key).groups()
+        by_task.setdefault(task, []).append((f"GLUE {task.upper()} {_GLUE_METRIC_NAMES[metric]}", (key,)))
+    return grid + list(by_task.values())  # one row per task: accuracy, F1, MCC
+
+
+def _figures(series: dict[str, list[Row]], ratios: dict[str, float], out_dir: Path) -> None:
+    all_rows = [r for rows in series.values() for r in rows]
+    # Horizontal reference lines: the rules' thresholds, where a panel shows the quantity they test.
+    refs = {"ppl_rel": sorted(set(ratios.values())), "sigma_max_growth_max": [DEFAULT_SIGMA_MAX_RATIO]}
+    rule = "collapse point (ppl ≥ " + " or ".join(f"{r:g}" for r in refs["ppl_rel"]) + " × pre-edit)"
+    _grid(series, EDITING_PANELS, refs, rule, out_dir / "editing.png", "Editing metrics")
+    _grid(series, _general_panels(all_rows), refs, rule, out_dir / "glue.png",
+          "General ability: perplexity and GLUE probes")
+    _grid(series, SPECTRAL_PANELS, refs, rule, out_dir / "spectral.png", "Spectral monitors of the edited layers")
+
+
+def _finite(value: Any) -> float:
+    # NaN breaks the line instead of dropping the point silently; inf (e.g. σ_k = 0) would wreck the y range.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return float("nan")
+    return float(value)
+
+
+def _points(rows: Sequence[Row], keys: tuple[str, ...]) -> Optional[tuple[str, list[int], list[float]]]:
+    """(key used, edits, values) of the first of ``keys`` present in the run's rows, else None."""
+    for key in keys:
+        pts = [(int(r["edits"]), _finite(r[key])) for r in rows if key in r]
+        if pts:
+            pts.sort()
+            return key, [p[0] for p in pts], [p[1] for p in pts]
+    return None
+
+
+def _grid(series: dict[str, list[Row]], layout: list[list[Panel]], refs: dict[str, list[float]],
+          collapse_rule: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    grid = [[p for p in row if any(_points(rows, p[1]) for rows in series.values())] for row in layout]
+    grid = [row for row in grid if row]
+    if not grid:
+        return
+    ncols = max(len(row) for row in grid)  # ≤ 3 by construction of the layouts
+    colours = {label: f"C{i % 10}" for i, label in enumerate(series)}
+    # Runs often coincide (e.g. the pre-edit point, or a filter that changes nothing yet): earlier runs get
+    # bigger markers and thicker lines, so a later run drawn on top still leaves them visible.
+    styles = {label: {"marker": "osD^vP"[i % 6], "markersize": max(3.0, 8.0 - 1.5 * i),
+                      "linewidth": max(1.2, 3.0 - 0.6 * i)} for i, label in enumerate(series)}
+    marks = {label: (collapse_point(rows), early_warning(rows)) for label, rows in series.items()}
+    legend_rows = math.ceil((len(series) + 2) / 2)
+    with plt.rc_context({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
+                         "ytick.labelsize": 10, "legend.fontsize": 10}):
+        fig, axes = plt.subplots(len(grid), ncols, squeeze=False, layout="constrained",
+                                 figsize=(5 * ncols, 3.6 * len(grid) + 0.3 * legend_rows + 0.5))
+        thresholds = False  # whether any panel drew a rule's threshold line (then the legend explains it)
+        for r, row in enumerate(grid):
+            for c in range(ncols):
+                ax = axes[r][c]
+                if c >= len(row):
+                    ax.set_visible(False)
+                    continue
+                panel_title, keys = row[c]
+                used = []
+                for label, rows in series.items():
+                    pts = _points(rows, keys)
+                    if pts is None:
+                        continue
+                    used.append(pts[0])
+                    ax.plot(pts[1], pts[2], color=colours[label], **styles[label])
+                    collapse, warning = marks[label]
+                    if collapse is not None:
+                        ax.axvline(collapse, color=colours[label], linestyle="--", linewidth=1.5)
+                    if warning is not None:
+                        ax.axvline(warning.edits, color=colours[label], linestyle=":", linewidth=1.5)
+                for y in refs.get(keys[0], []):
+                    ax.axhline(y, color="0.4", linestyle="-.", linewidth=1)
+                    thresholds = True
+                ax.set_title(panel_title)
+                ax.set_xlabel("number of edits")
+                ax.set_ylabel(" / ".join(dict.fromkeys(used)))
+                ax.set_xlim(left=0)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.grid(alpha=0.3)
+        handles = [Line2D([], [], color=colours[label], **styles[label], label=f"{label}: {_legend_note(rows)}")
+                   for label, rows in series.items()]
+        if any(m[0] is not None for m in marks.values()):
+            handles.append(Line2D([], [], color="0.3", linestyle="--", label=collapse_rule))
+        if any(m[1] is not None for m in marks.values()):
+            handles.append(Line2D([], [], color="0.3", linestyle=":", label="spectral early warning"))
+        if thresholds:
+            handles.append(Line2D([], [], color="0.4", linestyle="-.", label="rule threshold"))
+        fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+        fig.suptitle(title, fontsize=14)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def _legend_note(rows: Sequence[Row]) -> str:
+    point, warning = collapse_point(rows), early_warning(rows)
+    text = f"collapse at {point} edits" if point is not None else (
+        "no collapse" if collapse_measured(rows) else "collapse not measured")
+    return text + (f", warning at {warning.edits}" if warning else "")

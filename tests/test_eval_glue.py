@@ -140,7 +140,7 @@ def test_evaluate_metrics(glue_dir, tok, model):
     res = probe.evaluate(PreferToken(model, word_id(tok, "Yes")), tok)
     # cola labels 0,1,0,1,0,1 ; always "Yes" (1): acc 1/2, F1 = 2*3/(2*3+3), MCC undefined -> 0
     assert res["cola"] == pytest.approx({"accuracy": 0.5, "f1": 2 / 3, "mcc": 0.0})
-    assert set(res["rte"]) == {"accuracy", "f1"} and set(res["mmlu"]) == {"accuracy", "f1"}
+    assert set(res["rte"]) == {"accuracy", "f1", "mcc"} and set(res["mmlu"]) == {"accuracy", "f1"}
 
 
 def test_one_batched_scoring_pass_for_all_tasks(glue_dir, tok, model, monkeypatch):
@@ -190,3 +190,113 @@ def test_relative_to():
     assert relative_to(base, cur, mode="diff")["cola"] == pytest.approx({"accuracy": -0.2, "mcc": -0.1})
     with pytest.raises(KeyError, match="sst2"):
         relative_to(base, {"sst2": {"accuracy": 1.0}})
+
+
+# ----------------------------------------------------------------------------- the full protocol
+
+PROTOCOL_TASKS = ["sst2", "mrpc", "cola", "rte", "mmlu", "nli"]
+BINARY = ["sst2", "mrpc", "cola", "rte", "nli"]
+RECORDS = 30  # 10 few-shot pool + 20 test records per task
+
+
+def _protocol_records(task):
+    """Records whose text names their own index ("item 17"), so a prompt tells which record it came from."""
+    out = []
+    for i in range(RECORDS):
+        label = (i * 7 + len(task)) % 2
+        if task in ("sst2", "cola"):
+            out.append({"sentence": f"item {i} film", "label": label})
+        elif task in ("mrpc", "rte"):
+            out.append({"sentence1": f"item {i} Paris", "sentence2": "France", "label": label})
+        elif task == "nli":
+            out.append({"sentence1": f"item {i} Paris", "sentence2": "France",
+                        "label": ["entailment", "not_entailment"][label]})
+        else:
+            out.append({"question": f"item {i} which?", "choices": ["a", "b", "c", "d"], "answer": (i * 3) % 4})
+    return out
+
+
+class PrefixBag(torch.nn.Module):
+    """Stub LM: the logits at position t are Σ_{s ≤ t} E[x_s] over unmasked tokens, so the label word's
+    log-probability depends on the whole prompt (and predictions differ between items) but not on padding."""
+
+    def __init__(self, vocab, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Parameter(3.0 * torch.randn(vocab, vocab, generator=g), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        e = self.emb[input_ids]
+        if attention_mask is not None:
+            e = e * attention_mask[..., None]
+        return SimpleNamespace(logits=e.cumsum(1))
+
+
+def _confusion(y, p):
+    tp = sum(a == 1 and b == 1 for a, b in zip(y, p))
+    tn = sum(a == 0 and b == 0 for a, b in zip(y, p))
+    fp = sum(a == 0 and b == 1 for a, b in zip(y, p))
+    fn = sum(a == 1 and b == 0 for a, b in zip(y, p))
+    return tp, tn, fp, fn
+
+
+def _by_hand(y, p, classes):
+    acc = sum(a == b for a, b in zip(y, p)) / len(y)
+    if classes > 2:  # macro F1 over the classes present in y or p
+        f1s = []
+        for c in sorted(set(y) | set(p)):
+            tp = sum(a == c and b == c for a, b in zip(y, p))
+            fp = sum(a != c and b == c for a, b in zip(y, p))
+            fn = sum(a == c and b != c for a, b in zip(y, p))
+            f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+        return {"accuracy": acc, "f1": sum(f1s) / len(f1s)}
+    tp, tn, fp, fn = _confusion(y, p)
+    denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return {"accuracy": acc, "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+            "mcc": (tp * tn - fp * fn) / denom if denom else 0.0}
+
+
+@pytest.fixture(scope="module")
+def protocol_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("glue-protocol")
+    for task in PROTOCOL_TASKS:
+        (d / f"{task}.json").write_text(json.dumps(_protocol_records(task)))
+    return d
+
+
+def test_alphaedit_protocol_on_all_six_tasks(protocol_dir, tok):
+    n = 7
+    probe = GlueProbe(tasks=PROTOCOL_TASKS, n_per_task=n, few_shot=0, data_dir=protocol_dir)
+    records = {t: _protocol_records(t) for t in PROTOCOL_TASKS}
+    for task in PROTOCOL_TASKS:
+        items = probe.items[task]
+        assert len(items) == n
+        # Test items only from records[10:], each once, gold labels from those records.
+        idx = [int(re.search(r"item (\d+)", it.prompt).group(1)) for it in items]
+        assert len(set(idx)) == n and min(idx) >= FEW_SHOT_POOL
+        raw = [records[task][i] for i in idx]
+        gold = ([r["answer"] for r in raw] if task == "mmlu" else
+                [{"entailment": 0, "not_entailment": 1}[r["label"]] for r in raw] if task == "nli" else
+                [r["label"] for r in raw])
+        assert probe.labels[task] == gold
+        assert "item 0 " not in items[0].prompt  # few_shot=0: no pool example in the prompt
+
+    model = PrefixBag(len(tok), seed=2)
+    preds = probe.predict(model, tok, batch_size=6)
+    # Prediction = the label word with the highest mean per-token log-probability after the prompt.
+    for task in PROTOCOL_TASKS:
+        words = TASKS[task].label_words
+        for item, pred in zip(probe.items[task], preds[task]):
+            single = [score_continuations(model, tok, [item.prompt], [w])[0].mean_logprob for w in words]
+            assert pred == max(range(len(words)), key=single.__getitem__)
+    assert any(len(set(preds[t])) > 1 for t in BINARY), "test precondition: predictions must not be constant"
+
+    res = probe.evaluate(model, tok, batch_size=6)
+    assert set(res) == set(PROTOCOL_TASKS)
+    for task in BINARY:
+        assert set(res[task]) == {"accuracy", "f1", "mcc"}
+        assert res[task] == pytest.approx(_by_hand(probe.labels[task], preds[task], 2), abs=1e-12)
+    assert set(res["mmlu"]) == {"accuracy", "f1"}
+    assert res["mmlu"] == pytest.approx(_by_hand(probe.labels["mmlu"], preds["mmlu"], 4), abs=1e-12)
+    # At least one MCC is a real, non-trivial value (not the 0 of a constant prediction).
+    assert any(abs(res[t]["mcc"]) > 1e-9 for t in BINARY)

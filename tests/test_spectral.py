@@ -253,3 +253,66 @@ def test_randomized_falls_back_to_full_svd_when_k_is_large():
         ReviveConfig(svd="fast")
     f = ReviveFilter(ReviveConfig(tau=0.1, svd="randomized"))
     assert f.observe("w", decaying(200, 500).float()).k >= 1
+
+
+# ----------------------------------------------------------------------------- protected_drift
+
+
+def _drift_setup():
+    """W₀ (12×9) with σ = 10, 8, 2, 1, 0.5…; τ = 0.7 protects k = 2 (18/23.5 ≥ 0.7 > 10/23.5)."""
+    sigma = [10.0, 8.0, 2.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5]
+    w0, u, v = matrix_with_spectrum(sigma, 12, 9, seed=7)
+    basis = protected_basis(w0, 0.7)
+    assert basis.k == 2
+    # Explicit dense projectors onto the complement of span(u₁, u₂) and span(v₁, v₂).
+    pu = torch.eye(12, dtype=torch.float64) - u[:, :2] @ u[:, :2].T
+    pv = torch.eye(9, dtype=torch.float64) - v[:, :2] @ v[:, :2].T
+    return w0, u, v, basis, pu, pv
+
+
+def test_protected_drift_of_a_delta_inside_the_complement_is_zero():
+    from revive_plugin.spectral import protected_drift
+
+    w0, _, _, basis, pu, pv = _drift_setup()
+    delta = pu @ torch.randn(12, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) @ pv
+    w = w0 + delta
+    d = protected_drift(basis, w, w0)
+    assert d["protected_left"] == pytest.approx(0.0, abs=1e-10)
+    assert d["protected_right"] == pytest.approx(0.0, abs=1e-10)
+    assert d["delta_fro"] == pytest.approx(float(torch.linalg.matrix_norm(delta)))
+    assert d["delta_rel"] == pytest.approx(float(torch.linalg.matrix_norm(delta)) / math.sqrt(100 + 64 + 4 + 1 + 5 * 0.25))
+    c_max = float(torch.linalg.svdvals(pu @ w @ pv)[0])
+    assert d["complement_sigma_max"] == pytest.approx(c_max, rel=1e-10)
+    assert d["complement_over_sigma_k"] == pytest.approx(c_max / 8.0, rel=1e-10)  # σ_k(W₀) = σ₂ = 8
+
+
+def test_protected_drift_of_a_delta_along_the_top_direction_is_one():
+    from revive_plugin.spectral import protected_drift
+
+    w0, u, v, basis, pu, pv = _drift_setup()
+    w = w0 + 3.0 * torch.outer(u[:, 0], v[:, 0])
+    d = protected_drift(basis, w, w0)
+    assert d["protected_left"] == pytest.approx(1.0, abs=1e-10)
+    assert d["protected_right"] == pytest.approx(1.0, abs=1e-10)
+    assert d["delta_fro"] == pytest.approx(3.0)
+    # The complement of W is untouched: its largest singular value is W₀'s third, σ₃ = 2.
+    assert d["complement_sigma_max"] == pytest.approx(float(torch.linalg.svdvals(pu @ w @ pv)[0]), rel=1e-10)
+    assert d["complement_sigma_max"] == pytest.approx(2.0, rel=1e-10)
+    assert d["complement_over_sigma_k"] == pytest.approx(2.0 / 8.0, rel=1e-10)
+
+
+def test_protected_drift_of_a_mixed_delta_and_a_grown_complement():
+    from revive_plugin.spectral import protected_drift
+
+    w0, u, v, basis, pu, pv = _drift_setup()
+    # 3·u₁v₁ᵀ (protected) + 4·u₃v₃ᵀ (complement): shares 3/5 on both sides; the complement's σ₁ becomes 2 + 4.
+    w = w0 + 3.0 * torch.outer(u[:, 0], v[:, 0]) + 4.0 * torch.outer(u[:, 2], v[:, 2])
+    d = protected_drift(basis, w, w0)
+    assert d["protected_left"] == pytest.approx(0.6, abs=1e-10)
+    assert d["protected_right"] == pytest.approx(0.6, abs=1e-10)
+    assert d["complement_sigma_max"] == pytest.approx(float(torch.linalg.svdvals(pu @ w @ pv)[0]), rel=1e-10)
+    assert d["complement_sigma_max"] == pytest.approx(6.0, rel=1e-10)
+    assert d["complement_over_sigma_k"] == pytest.approx(6.0 / 8.0, rel=1e-10)
+    # No edit at all: every share is 0, not NaN.
+    still = protected_drift(basis, w0, w0)
+    assert still["delta_fro"] == 0.0 and still["protected_left"] == 0.0 and still["protected_right"] == 0.0
