@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast bench bench-quick clean
+.PHONY: install demo test test-fast bench bench-quick study clean
 
 install:
 	bash scripts/install.sh
@@ -21,6 +21,11 @@ bench: install
 
 bench-quick: install
 	cd benchmarks && $(abspath $(PY)) run_all.py --quick
+
+# The length study (eval/studies/length.yaml, ../shared/data beside the project): hours on a CPU; run it again
+# after a stop and it continues where it stopped.
+study: install
+	$(VENV)/bin/revive study length
 
 clean:
 	rm -rf build *.egg-info .pytest_cache

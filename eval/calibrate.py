@@ -11,13 +11,16 @@ Held-out records: the run's data with the shipped samples' case ids removed, in 
 same order does not meet them before its last ``records`` edits.
 
 Target vectors do not depend on the solve's settings (λ = ``mom2_update_weight``, the covariance sample
-count): with the batched z path, points that share the z settings reuse the first point's vectors, so a λ
-sweep costs one z optimisation. Writes ``calibration.jsonl`` (one row per point, with the settings) and
+count) nor on the plugin chain: with the batched z path, points that share the z settings reuse the first
+point's vectors (kept in ``$REVIVE_CACHE/zs`` for later calibrations of the same batch), so a λ sweep costs
+one z optimisation. Grid keys ``run.<setting>`` vary the run config (``run.transforms=[[], [revive]]``). Writes ``calibration.jsonl`` (one row per point, with the settings) and
 ``calibration.md``.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -51,6 +54,12 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     return grid
 
 
+def headline(config: RunConfig) -> list[str]:
+    """The efficacy / generalization / specificity keys of the run's dataset (CounterFact: preference rates)."""
+    names = ["efficacy", "generalization", "specificity"]
+    return [f"{n}_score" for n in names] if config.dataset == "counterfact" else names
+
+
 def heldout_cases(config: RunConfig, records: int) -> list[Any]:
     """The last ``records`` of the run's order, shipped-sample records excluded."""
     from .datasets import load_counterfact, load_zsre
@@ -64,18 +73,32 @@ def heldout_cases(config: RunConfig, records: int) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _reuse_target_vectors() -> Any:
-    """Within the block, batched z vectors are computed once per (requests, layer, z settings)."""
+def _reuse_target_vectors(store: Optional[Path] = None) -> Any:
+    """Within the block, batched z vectors are computed once per (requests, layer, z settings, model weights).
+
+    With ``store`` they are also kept on disk (safetensors named by a hash of that key), so a later
+    calibration of the same batch — another λ, or REVIVE's chain on the same solve — skips the optimisation.
+    """
+    from safetensors.torch import load_file, save_file
+
     from revive_plugin.adapters import batched_z
 
     original = batched_z.compute_zs
     memo: dict[str, list[torch.Tensor]] = {}
 
     def compute_zs(model: Any, tok: Any, requests: Any, hparams: Any, layer: int, templates: Any, **kw: Any) -> Any:
-        key = json.dumps([[dict(r) for r in requests], layer, templates,
+        fingerprint = [float(p.detach().double().sum()) for p in model.parameters()]
+        key = json.dumps([[dict(r) for r in requests], layer, templates, fingerprint,
                           {k: getattr(hparams, k, None) for k in Z_SETTINGS}], sort_keys=True, default=str)
         if key not in memo:
-            memo[key] = original(model, tok, requests, hparams, layer, templates, **kw)
+            path = store / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors" if store else None
+            if path is not None and path.exists():
+                memo[key] = list(load_file(str(path))["zs"])
+            else:
+                memo[key] = original(model, tok, requests, hparams, layer, templates, **kw)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    save_file({"zs": torch.stack(memo[key]).contiguous()}, str(path))
         return memo[key]
 
     batched_z.compute_zs = compute_zs
@@ -96,10 +119,13 @@ def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, outpu
     output.mkdir(parents=True, exist_ok=True)
     enable_easyedit(device=config.device)
     logging.getLogger("easyeditor").setLevel(logging.WARNING)
-    run = Run(config, output)
-    hp = run._load_hparams()
+    run_keys = {k for k in grid if k.startswith("run.")}
+    hp = Run(config, output)._load_hparams()
     for key in grid:
-        if not hasattr(hp, key):
+        if key in run_keys:
+            if key[4:] not in {f.name for f in dataclasses.fields(RunConfig)}:
+                raise ValueError(f"grid: {key!r} is not a run setting (run.transforms, run.revive, …)")
+        elif not hasattr(hp, key):
             raise ValueError(f"grid: {hp.alg_name} hparams have no setting {key!r}")
     cases = heldout_cases(config, records)
     texts = load_sentences(ppl_sentences)
@@ -112,15 +138,20 @@ def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, outpu
     base = {"point": "unedited", **perplexity(model, tok, texts, progress="ppl"),
             **evaluate_facts(model, tok, cases)}
     rows = [base]
-    defaults = {k: getattr(hp, k) for k in grid}
+    defaults = {k: getattr(hp, k) for k in grid if k not in run_keys}
     jsonl = output / "calibration.jsonl"
     jsonl.write_text(json.dumps(base) + "\n")
     requests = [c.to_request() for c in cases]
-    with _reuse_target_vectors():
+    from revive_plugin.adapters.models import cache_dir as revive_cache
+
+    with _reuse_target_vectors(revive_cache() / "zs"):
         for values in itertools.product(*grid.values()):
             settings = dict(zip(grid, values))
+            point_config = dataclasses.replace(config, **{k[4:]: v for k, v in settings.items() if k in run_keys})
+            hp = Run(point_config, output)._load_hparams()  # a fresh hparams object with this point's plugins
             for k, v in {**defaults, **settings}.items():
-                setattr(hp, k, v)
+                if k not in run_keys:
+                    setattr(hp, k, v)
             began = time.perf_counter()
             groups = [[r] for r in requests] if hp.alg_name == "ROME" else [requests]
             for group in groups:
@@ -133,8 +164,8 @@ def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, outpu
             rows.append(row)
             with jsonl.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            print(f"[calibrate] {settings}: efficacy {row['efficacy']:.3f} generalization "
-                  f"{row['generalization']:.3f} specificity {row['specificity']:.3f} ppl {row['ppl']:.2f}", flush=True)
+            scores = " ".join(f"{k} {row[k]:.3f}" for k in headline(config))
+            print(f"[calibrate] {settings}: {scores} ppl {row['ppl']:.2f}", flush=True)
             with torch.no_grad():
                 model.load_state_dict(original)
     write_table(rows, config, records, output, command)
@@ -143,7 +174,7 @@ def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, outpu
 
 def write_table(rows: list[dict[str, Any]], config: RunConfig, records: int, output: Path, command: str) -> None:
     """``calibration.md``: one line per grid point."""
-    cols = ["efficacy", "generalization", "specificity", "efficacy_magnitude", "ppl", "ppl_rel", "edit_seconds"]
+    cols = headline(config) + ["efficacy_magnitude", "ppl", "ppl_rel", "edit_seconds"]
     lines = [f"# Calibration: {config.name} ({config.hparams})", "",
              f"{records} held-out {config.dataset} records ({config.data}, order {config.order}, seed {config.seed}, "
              "shipped-sample records excluded), edited as one batch into the unedited model at each point; "

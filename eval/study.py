@@ -1,0 +1,216 @@
+"""Studies: several `revive eval` runs from one YAML file, run side by side, resumed across sittings, compared.
+
+A study file (``eval/studies/*.yaml``) names its output folder, how many runs go at once, and its runs —
+each a run config plus ``--set`` overrides — and groups of runs to compare::
+
+    name: length
+    output: docs/results/length
+    parallel: 2                     # runs at once; each gets cores // parallel torch threads
+    data_root: ../shared/data       # {data_root} in any override is replaced by this (or --data-root)
+    runs:
+      memit:        {config: smollm2-memit, set: [edits=2000, "data={data_root}/counterfact/counterfact.json.gz"]}
+      memit-revive: {config: smollm2-memit-revive, set: [...]}
+    compare:
+      memit: [memit, memit-revive]
+
+``revive study FILE`` starts each run that has no directory yet, resumes each that has a checkpoint short of
+its edits (``--resume``, with ``--edits`` when the study now asks more), skips finished ones, and writes each
+comparison group whose runs all have results to ``OUTPUT/compare-<group>/``. Every run is its own process
+(its log in ``RUN_DIR/eval.log``); SIGTERM or Ctrl-C to the study is passed on to the runs, which roll back
+their unfinished edit step and save a checkpoint, so the next ``revive study FILE`` picks up where this one
+stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+
+STUDY_DIR = Path(__file__).resolve().parent / "studies"
+
+
+@dataclass
+class StudyRun:
+    """One run of a study: its name, run config and overrides, and its directory."""
+
+    name: str
+    config: str
+    overrides: list[str]
+    run_dir: Path
+
+    @property
+    def target_edits(self) -> Optional[int]:
+        for item in self.overrides:
+            if item.startswith("edits="):
+                return int(item.split("=", 1)[1])
+        return None
+
+    def progress(self) -> tuple[int, Optional[int]]:
+        """(edits done at the last checkpoint, the run's target) from its directory; (0, None) before it starts."""
+        state, config = self.run_dir / "checkpoint" / "state.json", self.run_dir / "config.yaml"
+        done = json.loads(state.read_text())["edits_done"] if state.exists() else 0
+        target = yaml.safe_load(config.read_text()).get("edits") if config.exists() else None
+        return done, target
+
+    def finished(self) -> bool:
+        done, target = self.progress()
+        want = self.target_edits or target
+        metrics = self.run_dir / "metrics.jsonl"
+        if target is None or done < (want or 0) or not metrics.exists():
+            return False
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        return bool(rows) and rows[-1]["edits"] >= (want or target)
+
+    def command(self) -> list[str]:
+        """The `revive eval` command that starts or continues this run."""
+        base = [sys.executable, "-m", "revive_plugin.cli", "eval"]
+        if (self.run_dir / "checkpoint").exists() or (self.run_dir / "checkpoint.old").exists():
+            cmd = base + ["--resume", str(self.run_dir)]
+            if self.target_edits:
+                cmd += ["--edits", str(self.target_edits)]
+            return cmd
+        cmd = base + [self.config, "--output", str(self.run_dir), "--set", f"name={self.name}"]
+        for item in self.overrides:
+            cmd += ["--set", item]
+        if self.run_dir.exists():
+            cmd.append("--overwrite")  # a directory without a checkpoint holds no edits to keep
+        return cmd
+
+
+@dataclass
+class Study:
+    """A study file, resolved: output folder, runs, comparison groups."""
+
+    name: str
+    output: Path
+    parallel: int
+    runs: dict[str, StudyRun]
+    compare: dict[str, list[str]]
+
+    @classmethod
+    def load(cls, path: str | Path, data_root: Optional[str] = None, output: Optional[str] = None) -> "Study":
+        p = Path(path)
+        for candidate in (p, STUDY_DIR / p, STUDY_DIR / f"{p}.yaml"):
+            if candidate.exists():
+                p = candidate
+                break
+        else:
+            raise FileNotFoundError(f"study {path} not found (shipped: {sorted(x.stem for x in STUDY_DIR.glob('*.yaml'))})")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"study file {p} is not valid YAML: {e}") from e
+        unknown = sorted(set(data) - {"name", "output", "parallel", "data_root", "runs", "compare"})
+        if unknown:
+            raise ValueError(f"{p}: unknown study setting(s) {unknown}; allowed: name, output, parallel, data_root, "
+                             "runs, compare")
+        runs_data = data.get("runs")
+        if not isinstance(runs_data, dict) or not runs_data:
+            raise ValueError(f"{p}: 'runs' must map run names to {{config: NAME, set: [KEY=VALUE, ...]}}")
+        root = data_root or data.get("data_root") or "../shared/data"
+        out = Path(output or data.get("output") or f"runs/{data.get('name', p.stem)}")
+        parallel = data.get("parallel", 1)
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+            raise ValueError(f"{p}: parallel must be a positive integer, got {parallel!r}")
+        runs = {}
+        for name, spec in runs_data.items():
+            if not isinstance(spec, dict) or "config" not in spec or set(spec) - {"config", "set"}:
+                raise ValueError(f"{p}: run {name!r} must be {{config: NAME, set: [KEY=VALUE, ...]}}, got {spec!r}")
+            overrides = [str(x).replace("{data_root}", root) for x in spec.get("set") or []]
+            runs[name] = StudyRun(name, spec["config"], overrides, out / name)
+        groups = data.get("compare") or {}
+        for group, members in groups.items():
+            missing = [m for m in members if m not in runs]
+            if missing:
+                raise ValueError(f"{p}: compare group {group!r} names unknown run(s) {missing}; runs: {sorted(runs)}")
+        return cls(data.get("name", p.stem), out, parallel, runs, groups)
+
+    def status(self) -> str:
+        lines = []
+        for r in self.runs.values():
+            done, target = r.progress()
+            state = "finished" if r.finished() else ("not started" if target is None else "in progress")
+            lines.append(f"  {r.name:<24} {done:>6} / {r.target_edits or target or '?'} edits  {state}")
+        return "\n".join(lines)
+
+    def write_comparisons(self) -> list[Path]:
+        """Compare each group whose runs all have metrics; returns the comparison files written."""
+        from .report import compare
+
+        written = []
+        for group, members in self.compare.items():
+            dirs = [self.runs[m].run_dir for m in members]
+            if all((d / "metrics.jsonl").exists() for d in dirs):
+                written.append(compare(dirs, self.output / f"compare-{group}"))
+        return written
+
+
+def _threads(parallel: int) -> int:
+    return max(1, (os.cpu_count() or 1) // parallel)
+
+
+def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 30.0) -> int:
+    """Run (or continue) the study's unfinished runs, ``study.parallel`` at a time; 0 when all finished."""
+    selected = [study.runs[n] for n in (only or study.runs)]
+    pending = [r for r in selected if not r.finished()]
+    print(f"[study] {study.name}: {len(selected) - len(pending)} of {len(selected)} runs finished")
+    print(study.status(), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(_threads(study.parallel)), "PYTHONUNBUFFERED": "1"}
+    running: dict[str, tuple[subprocess.Popen, Any]] = {}
+    failed: list[str] = []
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc, _ in running.values():
+            proc.send_signal(signal.SIGTERM)  # each run saves a checkpoint and exits
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while pending or running:
+            while pending and len(running) < study.parallel and not stopping:
+                r = pending.pop(0)
+                r.run_dir.mkdir(parents=True, exist_ok=True)
+                log = (r.run_dir / "eval.log").open("a")
+                cmd = r.command()
+                log.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+                log.flush()
+                print(f"[study] {r.name}: {' '.join(cmd[2:])} (log {r.run_dir / 'eval.log'})", flush=True)
+                running[r.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                    cwd=Path.cwd()), log)
+            if stopping and not running:
+                break
+            time.sleep(poll_seconds if not stopping else 1.0)
+            for name in list(running):
+                proc, log = running[name]
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                ok = proc.returncode == 0 and study.runs[name].finished()
+                print(f"[study] {name}: {'finished' if ok else f'stopped (exit {proc.returncode})'}", flush=True)
+                if not ok and not stopping:
+                    failed.append(name)
+                study.write_comparisons()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    study.write_comparisons()
+    print(study.status(), flush=True)
+    if stopping:
+        print(f"[study] stopped; continue with: revive study {study.name}")
+        return 130
+    if failed:
+        print(f"[study] failed: {failed} (see their eval.log)")
+        return 1
+    return 0
