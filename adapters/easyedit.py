@@ -19,18 +19,29 @@ from __future__ import annotations
 
 import contextlib
 import copy as copy_module
+import dataclasses
+import difflib
 import functools
 import os
 import tempfile
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Collection, Iterator, Mapping, Optional
 
 import torch
 import yaml
 
-from revive_plugin.config import ReviveConfig
-from revive_plugin.host import PluginHost, StepRecord, TargetWeight, get_plugin_manager
+from revive_plugin.host import (
+    PLUGINS_ENV,
+    PluginHost,
+    StepRecord,
+    TargetWeight,
+    get_plugin_manager,
+    hook_impls,
+    installed_plugins,
+    pinned_plugins,
+    validate_configs,
+)
 
 from . import compat
 from .models import load_model
@@ -65,6 +76,7 @@ class _Integration:
         self.enabled = False
         self.device: Optional[torch.device] = None
         self.pm = None
+        self.pm_given = False  # enable_easyedit(pm=...) rather than the discovered plugins
         self.order: Optional[list[str]] = None
         self.restores: list[Callable[[], None]] = []
         self.hosts: "weakref.WeakKeyDictionary[torch.nn.Module, PluginHost]" = weakref.WeakKeyDictionary()
@@ -88,33 +100,118 @@ def _patch(obj: Any, name: str, value: Any) -> None:
 
 
 # -- hparams: pop plugin blocks -----------------------------------------------------------------------
+#: Blocks of the host and the adapter (not plugins): the transform order and MEMIT's batched z path.
+HOST_BLOCKS = (HOST_BLOCK, BATCHED_Z_BLOCK)
+
+
+def _plugin_manager() -> Any:
+    return _STATE.pm or get_plugin_manager()
+
+
+def _loaded(pm: Any) -> list[str]:
+    return sorted(name for name, plugin in pm.list_name_plugin() if plugin is not None)
+
+
 def plugin_block_names() -> set[str]:
-    """Top-level YAML keys that belong to plugins (popped before EasyEdit sees the file)."""
-    pm = _STATE.pm or get_plugin_manager()
-    return {name for name, _ in pm.list_name_plugin()} | {"revive", HOST_BLOCK, BATCHED_Z_BLOCK}
+    """Top-level YAML keys that are popped before EasyEdit sees the file: the blocks of every installed or
+    loaded plugin and the host's own blocks."""
+    return set(_loaded(_plugin_manager())) | set(installed_plugins()) | set(HOST_BLOCKS)
 
 
-def split_plugin_blocks(config: dict, source: str = "<hparams>") -> tuple[dict, dict]:
-    """(EasyEdit settings, plugin blocks) of an hparams mapping; validates the ``revive:`` block."""
-    names = plugin_block_names()
-    blocks = {k: config[k] for k in config if k in names}
-    rest = {k: v for k, v in config.items() if k not in names}
-    if "revive" in blocks:
-        try:
-            ReviveConfig.from_dict(blocks["revive"] if blocks["revive"] is not None else {})
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from e
-        if blocks["revive"] is None:
-            blocks["revive"] = {}
-    host = blocks.get(HOST_BLOCK)
-    if host is not None:
-        if not isinstance(host, Mapping) or set(host) - {"order"}:
-            raise ValueError(f"{source}: {HOST_BLOCK} accepts only `order: [plugin, ...]`, got {host!r}")
-        order = host.get("order", [])
-        if not isinstance(order, list) or not all(isinstance(x, str) for x in order):
-            raise ValueError(f"{source}: {HOST_BLOCK}.order must be a list of plugin names, got {order!r}")
+def written_matrices(settings: Mapping[str, Any]) -> Optional[list[str]]:
+    """Names of the weights an editor with these hparams writes (``rewrite_module_tmp`` × ``layers``, as
+    ``target_weights`` selects them), or None when the hparams do not say."""
+    tmpl, layers = settings.get("rewrite_module_tmp"), settings.get("layers")
+    if not isinstance(tmpl, str) or not tmpl or not isinstance(layers, (list, tuple)) or not layers:
+        return None
+    try:
+        return [f"{tmpl.format(layer)}.weight" for layer in layers]
+    except (IndexError, KeyError, ValueError):
+        return None
+
+
+def _inactive_reason(pm: Any) -> str:
+    pinned = pinned_plugins()
+    if pm is _STATE.pm and _STATE.pm_given:
+        return "not registered in the plugin manager passed to enable_easyedit(pm=...)"
+    if pinned is not None:
+        return f"excluded by {PLUGINS_ENV}={','.join(pinned)!r}; add them there (or unset it) to use them"
+    return "not loaded"
+
+
+def _check_order(
+    host: Any, pm: Any, loaded: Collection[str], installed: Collection[str], source: str
+) -> Optional[dict]:
+    """Validated ``edit_plugins:`` block; names of installed plugins that are not loaded are dropped (they
+    were warned about with their blocks)."""
+    if host is None:
+        return None
+    if not isinstance(host, Mapping) or set(host) - {"order"}:
+        raise ValueError(f"{source}: {HOST_BLOCK} accepts only `order: [plugin, ...]`, got {host!r}")
+    order = host.get("order", [])
+    if not isinstance(order, list) or not all(isinstance(x, str) for x in order):
+        raise ValueError(f"{source}: {HOST_BLOCK}.order must be a list of plugin names, got {order!r}")
+    transforms = [i.plugin_name for i in hook_impls(pm, "easyedit_transform_delta")]
+    unknown = [n for n in order if n not in installed and n not in loaded]
+    not_transforms = [n for n in order if n in loaded and n not in transforms]
+    if unknown or not_transforms:
+        raise ValueError(
+            f"{source}: {HOST_BLOCK}.order names {unknown + not_transforms}, which "
+            f"{'are not installed' if unknown else 'implement no easyedit_transform_delta'}; plugins with a "
+            f"transform: {sorted(transforms)}; installed plugins: {sorted(installed)}"
+        )
+    return {**host, "order": [n for n in order if n in loaded]}
+
+
+def split_plugin_blocks(
+    config: Mapping[str, Any],
+    source: str = "<hparams>",
+    fields: Optional[Collection[str]] = None,
+    editor: Optional[str] = None,
+    targets: Optional[list[str]] = None,
+) -> tuple[dict, dict]:
+    """(EasyEdit settings, plugin blocks) of an hparams mapping, the blocks validated.
+
+    * blocks of loaded plugins are checked by each plugin's ``easyedit_validate_config`` (with ``editor``
+      and ``targets``, by default ``alg_name`` and ``written_matrices`` of ``config``);
+    * blocks of installed plugins that are not loaded (``$EASYEDIT_PLUGINS``) are removed with a warning
+      that they have no effect;
+    * with ``fields`` (the settings the hparams class accepts), any other key is an error naming it, the
+      settings and the plugins.
+    """
+    pm = _plugin_manager()
+    loaded, installed = _loaded(pm), installed_plugins()
+    editor = editor if editor is not None else config.get("alg_name")
+    targets = targets if targets is not None else written_matrices(config)
+    rest = {k: v for k, v in config.items() if k not in loaded and k not in installed and k not in HOST_BLOCKS}
+    blocks = {k: v for k, v in config.items() if k in loaded or k in HOST_BLOCKS}
+    inactive = sorted(k for k in config if k in installed and k not in loaded and k not in HOST_BLOCKS)
+    if fields is not None:
+        unknown = sorted(k for k in rest if k not in fields)
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, [*fields, *installed], n=1) for k in unknown}
+            hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in hints.items() if m)
+            what = f"neither settings of {editor or 'the editor'}'s hparams nor" if fields else "not"
+            raise ValueError(
+                f"{source}: unknown top-level key(s) {unknown}: {what} blocks of a discovered plugin (discovered "
+                f"plugins: {sorted(installed)}; loaded: {loaded}). {hint + '. ' if hint else ''}Fix the key, "
+                "install the plugin, or remove the block"
+            )
+    if inactive:
+        warnings.warn(
+            f"{source}: the block(s) {inactive} have no effect: their plugin(s) are installed but "
+            f"{_inactive_reason(pm)}",
+            UserWarning,
+            stacklevel=3,
+        )
+    if HOST_BLOCK in blocks:
+        blocks[HOST_BLOCK] = _check_order(blocks[HOST_BLOCK], pm, loaded, installed, source)
     if BATCHED_Z_BLOCK in blocks:
         blocks[BATCHED_Z_BLOCK] = batched_z_options(blocks[BATCHED_Z_BLOCK], source)
+    try:
+        blocks = validate_configs(pm, blocks, editor=editor, targets=targets)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
     return rest, blocks
 
 
@@ -133,12 +230,21 @@ def batched_z_options(value: Any, source: str = "<hparams>") -> Optional[dict]:
 
 
 def attach_plugin_configs(hparams: Any, **blocks: Any) -> Any:
-    """Attach plugin blocks to an hparams object built in Python (e.g. ``revive={"tau": 0.2}``)."""
+    """Attach plugin blocks to an hparams object built in Python (e.g. ``revive={"tau": 0.2}``), validated
+    as if they were in its YAML file."""
     current = dict(getattr(hparams, PLUGIN_CONFIGS_ATTR, {}) or {})
-    _, checked = split_plugin_blocks(blocks, source=type(hparams).__name__)
+    settings = {"rewrite_module_tmp": getattr(hparams, "rewrite_module_tmp", None),
+                "layers": getattr(hparams, "layers", None)}
+    _, checked = split_plugin_blocks(blocks, source=type(hparams).__name__, fields=(),
+                                     editor=getattr(hparams, "alg_name", None), targets=written_matrices(settings))
     current.update(checked)
     setattr(hparams, PLUGIN_CONFIGS_ATTR, current)
     return hparams
+
+
+def hparams_fields(cls: type) -> Optional[set[str]]:
+    """The settings an EasyEdit hparams class accepts (its dataclass fields), or None if it is no dataclass."""
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
 
 
 def _wrap_from_hparams(cls: type) -> None:
@@ -150,8 +256,8 @@ def _wrap_from_hparams(cls: type) -> None:
             config = yaml.safe_load(fh)
         if not isinstance(config, dict):
             return original(klass, hparams_name_or_path)
-        rest, blocks = split_plugin_blocks(config, source=path)
-        if not blocks:
+        rest, blocks = split_plugin_blocks(config, source=path, fields=hparams_fields(klass))
+        if len(rest) == len(config):
             return original(klass, hparams_name_or_path)
         fd, tmp = tempfile.mkstemp(suffix=".yaml")
         try:
@@ -160,7 +266,8 @@ def _wrap_from_hparams(cls: type) -> None:
             hparams = original(klass, tmp)
         finally:
             os.unlink(tmp)
-        setattr(hparams, PLUGIN_CONFIGS_ATTR, blocks)
+        if blocks:
+            setattr(hparams, PLUGIN_CONFIGS_ATTR, blocks)
         return hparams
 
     _patch(cls, "from_hparams", classmethod(from_hparams))
@@ -262,6 +369,9 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                         stacklevel=2,
                     )
                 return apply_fn(model, tok, requests, hparams, *args, **kwargs)
+            # Plugin blocks checked against the weights this editor writes, before anything is computed.
+            matrices = [t.name for t in target_weights(model, hparams) if t.tensor.ndim == 2]
+            configs = host_for(model).validate(alg, configs, matrices)
             if kwargs.get("copy"):
                 # Edit a copy ourselves so the diff is taken on the model that is returned.
                 model = copy_module.deepcopy(model)
@@ -384,6 +494,7 @@ def enable_easyedit(device: Optional[str] = None, order: Optional[list[str]] = N
     compat.install_stubs()
     _STATE.device = compat.redirect_target(device)
     _STATE.pm = pm or get_plugin_manager()
+    _STATE.pm_given = pm is not None
     _STATE.order = list(order) if order else None
     alg_dict_mod = compat.import_easyeditor("easyeditor.util.alg_dict")
     for alg, fn in list(alg_dict_mod.ALG_DICT.items()):

@@ -11,6 +11,14 @@ SVD_METHODS = ("full", "randomized")  # how protected_basis computes Uₖ, Vₖ
 LayerSelector = Union[int, str]
 
 
+def selector_matches(sel: LayerSelector, name: str, layer: Optional[int]) -> bool:
+    """Whether one ``layers`` entry selects parameter ``name`` (in layer ``layer``, if known): a layer index,
+    or a parameter name given exactly, as its module name, or as a module-name prefix."""
+    if isinstance(sel, int):
+        return layer is not None and layer == sel
+    return name == sel or name.startswith(sel.rstrip(".") + ".")
+
+
 @dataclass(frozen=True)
 class ReviveConfig:
     """Settings of the REVIVE filter.
@@ -86,13 +94,31 @@ class ReviveConfig:
             return False
         if self.layers is None:
             return True
-        for sel in self.layers:
-            if isinstance(sel, int):
-                if layer is not None and layer == sel:
-                    return True
-            elif name == sel or name.startswith(sel.rstrip(".") + ".") or name == f"{sel}.weight":
-                return True
-        return False
+        return any(selector_matches(sel, name, layer) for sel in self.layers)
+
+    def unmatched_layers(self, targets: Mapping[str, Optional[int]]) -> list[LayerSelector]:
+        """Entries of ``layers`` that select none of ``targets`` (parameter name → its layer index or None)."""
+        if self.layers is None:
+            return []
+        return [sel for sel in self.layers
+                if not any(selector_matches(sel, name, layer) for name, layer in targets.items())]
+
+    def check_layers(self, targets: Mapping[str, Optional[int]], editor: Optional[str] = None) -> None:
+        """Refuse ``layers`` entries that select none of the weights the editor writes (``targets``: parameter
+        name → layer index): such an entry would make REVIVE filter nothing there, silently."""
+        missing = self.unmatched_layers(targets)
+        if not missing:
+            return
+        who = editor or "the editor"
+        if not targets:
+            raise ValueError(f"revive.layers is {list(self.layers or ())}, but {who} writes no weight matrix; "
+                             "remove revive.layers")
+        indices = sorted({layer for layer in targets.values() if layer is not None})
+        raise ValueError(
+            f"revive.layers entries {missing} select none of the weights {who} writes, so REVIVE would filter "
+            f"nothing there; it writes layers {indices}: {sorted(targets)}. Use those layer indices or parameter "
+            "names in revive.layers, or remove revive.layers to filter every edited weight"
+        )
 
     def replace(self, **changes: Any) -> "ReviveConfig":
         """A copy with some fields changed (validated again)."""

@@ -1,15 +1,28 @@
 """The whole plugin contract: pluggy hook specifications of the editing host (project name "easyedit").
 
-A plugin is a plain module (or object) with functions decorated by ``revive_plugin.hookimpl``, found
-through the entry-point group ``easyedit.plugins`` (see ``revive_plugin.host``). All hooks take keyword
-arguments; a plugin may implement any subset and accept any subset of each hook's arguments.
+A plugin is a plain module (or object) with functions decorated by ``revive_plugin.hookimpl`` (the same as
+``pluggy.HookimplMarker("easyedit")``), declared in its package's ``pyproject.toml`` under
+``[project.entry-points."easyedit.plugins"]``. The entry-point name is the plugin's name: its settings are
+the ``<name>:`` block of the hparams YAML (``context.configs["<name>"]``), the name in
+``edit_plugins: {order: [...]}`` and in ``$EASYEDIT_PLUGINS``. All hooks take keyword arguments; a plugin
+may implement any subset of the hooks and accept any subset of each hook's arguments. A plugin whose block
+is absent from the step's configuration should do nothing.
+
+Loading the hparams
+-------------------
+``easyedit_validate_config`` checks a plugin's own block when the hparams load, so a bad setting fails
+before a model is loaded or an editor runs; the host calls it again at every edit step, before the editor,
+with the weights the editor will write. Top-level YAML keys that are neither settings of the editor's
+hparams class nor blocks of an installed plugin are an error; blocks of plugins that are installed but not
+loaded (``$EASYEDIT_PLUGINS``) are removed with a warning that they have no effect.
 
 The edit step
 -------------
 One call of an editor's apply function (one ROME/MEMIT/FT update of one batch of requests) is one *edit
-step*. The host snapshots the weights the editor may write, runs it, and for every changed 2-D weight takes
-ΔW = W_after − W_before. Then, in order:
+step*. The host snapshots the weights the editor may write (its own copy, never handed to a plugin), runs
+the editor, and for every changed 2-D weight takes ΔW = W_after − W_before. Then, in order:
 
+0. ``easyedit_validate_config`` — each present plugin block, with the step's target weights;
 1. ``easyedit_edit_step_start`` — before the editor runs (weights still W_before);
 2. ``easyedit_transform_delta`` — once per changed weight, as a *chain* (below);
 3. the host writes W_before + ΔW_final into the model;
@@ -27,13 +40,25 @@ delta unchanged). The order is
 * then every other implementation in pluggy's own call order (``tryfirst``/``trylast`` respected, otherwise
   the most recently registered first).
 
-If any implementation raises or returns a tensor of the wrong shape, or a non-finite delta, the host restores
-every weight of the step to W_before exactly and raises ``EditRejected`` naming the plugin and parameter.
+The step hooks, too, are called one plugin at a time (pluggy's call order), so that an error names its
+plugin. Hook wrappers (``hookwrapper=True``/``wrapper=True``) are not supported on any of these hooks.
+
+Isolation and failures
+----------------------
+The host's snapshot of W_before is its own: no hook ever receives it. ``easyedit_transform_delta`` gets
+its own copies of ``delta`` and ``weight``: writing into them changes nothing (the host warns about a write
+into ``weight``); return the new delta instead. The ``weights`` and ``deltas`` of the step hooks are
+read-only views of the model: a plugin that writes into them has the step refused (``EditRejected``) and
+every weight restored to W_before. If any implementation raises, returns a tensor of the wrong shape or a
+non-finite delta, the host restores every weight of the step to W_before exactly and raises
+``EditRejected`` naming the plugin (and the parameter, for transforms). A block refused by
+``easyedit_validate_config`` raises ``ValueError`` at load time, ``EditRejected`` at an edit step (before
+the editor ran: the weights are untouched).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import pluggy
 import torch
@@ -54,7 +79,8 @@ class EditContext:
     layer:   layer index parsed from the parameter name (``model.layers.12.mlp…`` → 12), or None;
              set per parameter for ``easyedit_transform_delta``, None for the step hooks.
     configs: the plugin blocks of the hparams YAML, by plugin name (``configs["revive"]`` is the
-             ``revive:`` block); a plugin whose block is absent should do nothing.
+             ``revive:`` block, as ``easyedit_validate_config`` returned it); a plugin whose block is
+             absent should do nothing.
     state:   scratch space that lives as long as the host session (one model): plugins keep their
              caches under their own key, e.g. ``state["revive"]``.
     """
@@ -67,16 +93,42 @@ class EditContext:
 
 
 @hookspec
+def easyedit_validate_config(
+    name: str, config: Any, editor: Optional[str], targets: Optional[Sequence[str]]
+) -> Optional[Any]:
+    """Check this plugin's block of the hparams YAML before anything is edited.
+
+    Called only on the plugin registered under ``name``, and only when its block is present: when the
+    hparams load (``from_hparams``, ``attach_plugin_configs``) and again at the start of every edit step,
+    before the editor runs. Not called for a plugin that implements no such hook (its block is accepted).
+
+    :param name: the plugin's name (= the block's key and the entry-point name).
+    :param config: the block as written (a mapping, a scalar, or None for an empty ``name:`` line).
+    :param editor: the editor's name (``alg_name``: "MEMIT", "FT", …), or None when unknown.
+    :param targets: the parameter names of the 2-D weights the editor will write: at load time those given
+        by the hparams' ``rewrite_module_tmp`` × ``layers`` (None when the hparams do not say), at an edit
+        step the weights the host snapshotted. Check that settings naming layers or parameters select some.
+    :return: None to keep the block as written, or the block to use instead (e.g. with defaults filled in);
+        it is what ``context.configs[name]`` holds in the other hooks.
+    :raises ValueError: a message naming the bad setting, its value and what is accepted (the host adds the
+        file and the plugin's name). Any other exception is reported the same way, as a bug of the plugin.
+    """
+
+
+@hookspec
 def easyedit_transform_delta(
     name: str, delta: torch.Tensor, weight: torch.Tensor, context: EditContext
 ) -> Optional[torch.Tensor]:
     """Transform the weight delta of one parameter at one edit step.
 
     :param name: the parameter's full name in the model (``model.layers.12.mlp.down_proj.weight``).
-    :param delta: ΔW proposed so far (out×in; the output of the previous transform in the chain).
-    :param weight: the weight before this step, W_before (out×in, read-only: do not modify).
+    :param delta: ΔW proposed so far (out×in; the output of the previous transform in the chain). The
+        plugin's own copy: writing into it has no effect unless the plugin returns it.
+    :param weight: the weight before this step, W_before (out×in). The plugin's own copy of the host's
+        snapshot: writing into it has no effect on the result or on a restore (the host warns).
     :param context: the step's ``EditContext``; ``context.layer`` is this parameter's layer.
-    :return: the new delta (same shape, finite), or None to leave it unchanged.
+    :return: the new delta (same shape, finite), or None to leave it unchanged. A returned tensor is written
+        back as W_before + delta; None from every plugin keeps the editor's own write bit for bit.
     """
 
 
@@ -85,8 +137,10 @@ def easyedit_edit_step_start(context: EditContext, weights: Mapping[str, torch.T
     """Called before the editor runs at an edit step.
 
     :param context: the step's ``EditContext`` (``layer`` is None).
-    :param weights: the weights the editor may write, by parameter name, out×in, as they are now
-        (read-only views).
+    :param weights: the weights the editor may write, by parameter name, out×in, as they are now:
+        read-only views of the live model (they change when the editor writes; ``clone()`` what you keep).
+        Writing into them refuses the step (``EditRejected``) before the editor runs.
+    :raises: anything: the step is refused (``EditRejected`` naming the plugin), the weights untouched.
     """
 
 
@@ -97,8 +151,10 @@ def easyedit_edit_step_end(
     """Called after the filtered deltas were written into the model.
 
     :param context: the step's ``EditContext`` (``layer`` is None).
-    :param deltas: the final delta written per changed parameter (out×in).
-    :param weights: the weights after the write-back, by parameter name (out×in, read-only).
+    :param deltas: the final delta written per changed parameter (out×in, read-only).
+    :param weights: the weights after the write-back, by parameter name (out×in, read-only views of the
+        model: writing into them, or into ``deltas``, refuses the step and restores W_before).
     :return: metrics to log for this step, e.g. ``{"revive/model.layers.4.mlp.down_proj.weight/k": 12}``,
         or None. The host merges the dicts of all plugins.
+    :raises: anything: the step is refused (``EditRejected`` naming the plugin) and every weight restored.
     """

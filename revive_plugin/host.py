@@ -6,13 +6,16 @@ the editor; everything EasyEdit-specific lives in ``revive_plugin.adapters``.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 import os
 import re
 import time
+import types
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TypeVar
 
 import pluggy
 import torch
@@ -52,11 +55,24 @@ def pinned_plugins() -> Optional[list[str]]:
     return [p.strip() for p in raw.split(",") if p.strip()]
 
 
+def installed_plugins() -> dict[str, str]:
+    """Every plugin this process can load, whatever ``$EASYEDIT_PLUGINS`` says: name → source
+    ("entry point of <distribution> <version>" or "built-in")."""
+    found: dict[str, str] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        found.setdefault(ep.name, f"entry point of {dist.name} {dist.version}" if dist else "entry point")
+    for name in DEFAULT_PLUGINS:
+        found.setdefault(name, "built-in")
+    return dict(sorted(found.items()))
+
+
 def get_plugin_manager(pinned: Optional[Sequence[str]] = None) -> pluggy.PluginManager:
     """A plugin manager with the hookspecs, the entry-point plugins and the built-in plugins.
 
     ``pinned`` (or ``$EASYEDIT_PLUGINS``) restricts loading to the named plugins, for reproducible runs.
     """
+    from_env = pinned is None
     if pinned is None:
         pinned = pinned_plugins()
     pm = pluggy.PluginManager(PROJECT_NAME)
@@ -75,11 +91,69 @@ def get_plugin_manager(pinned: Optional[Sequence[str]] = None) -> pluggy.PluginM
     if pinned is not None:
         missing = [n for n in pinned if not pm.has_plugin(n)]
         if missing:
+            where = f"{PLUGINS_ENV}={os.environ.get(PLUGINS_ENV, '')!r}" if from_env else f"pinned={list(pinned)}"
             raise ValueError(
-                f"{PLUGINS_ENV} names plugin(s) {missing} that were not found in the entry-point group "
-                f"{ENTRY_POINT_GROUP!r}; installed: {[n for n, _ in pm.list_name_plugin()]}"
+                f"{where} names plugin(s) {missing} that are not installed; installed plugins: "
+                f"{sorted(installed_plugins())} (entry-point group {ENTRY_POINT_GROUP!r} and built-ins). "
+                f"Correct the name, install the plugin's package, or unset {PLUGINS_ENV} to load every plugin"
             )
     return pm
+
+
+def hook_impls(pm: pluggy.PluginManager, hook: str) -> list[Any]:
+    """The implementations of ``hook`` in pluggy's call order (one plugin at a time; no wrappers)."""
+    impls = list(reversed(getattr(pm.hook, hook).get_hookimpls()))
+    for impl in impls:
+        if impl.hookwrapper or getattr(impl, "wrapper", False):
+            raise TypeError(
+                f"plugin {impl.plugin_name!r} implements {hook} as a hook wrapper; the host calls this hook one "
+                "plugin at a time and supports plain implementations only (drop hookwrapper/wrapper=True)"
+            )
+    return impls
+
+
+def call_impl(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call a hook implementation with the subset of ``kwargs`` it accepts."""
+    params = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def validate_configs(
+    pm: pluggy.PluginManager,
+    configs: Mapping[str, Any],
+    editor: Optional[str] = None,
+    targets: Optional[Iterable[str]] = None,
+) -> dict[str, Any]:
+    """Each loaded plugin's block of ``configs`` checked by that plugin's ``easyedit_validate_config``.
+
+    Returns ``configs`` with each block replaced by what its plugin returned (None: kept as written). Keys
+    that are not loaded plugins (host settings such as ``edit_plugins``) are passed through unchecked.
+    Raises ``ValueError`` naming the block and the plugin's message.
+    """
+    out = dict(configs)
+    targets = sorted(targets) if targets is not None else None
+    by_plugin = {impl.plugin_name: impl for impl in hook_impls(pm, "easyedit_validate_config")}
+    for name, block in configs.items():
+        impl = by_plugin.get(name)
+        if impl is None:
+            continue
+        try:
+            result = call_impl(impl.function, name=name, config=block, editor=editor, targets=targets)
+        except ValueError as e:
+            raise ValueError(f"`{name}:` block: {e}") from e
+        except Exception as e:
+            raise ValueError(
+                f"`{name}:` block {block!r}: plugin {name!r} failed validating it: {type(e).__name__}: {e}"
+            ) from e
+        if result is not None:
+            out[name] = result
+    return out
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values (NaN equal to NaN)."""
+    with torch.no_grad():
+        return torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
@@ -147,7 +221,7 @@ class PluginHost:
     # -- the delta chain -------------------------------------------------------------------------
     def transform_chain(self, order: Optional[Sequence[str]] = None) -> list[tuple[str, Callable[..., Any]]]:
         """(plugin name, hook function) of ``easyedit_transform_delta`` in the order they run."""
-        impls = list(reversed(self.pm.hook.easyedit_transform_delta.get_hookimpls()))  # pluggy call order
+        impls = hook_impls(self.pm, "easyedit_transform_delta")  # pluggy call order
         order = list(order if order is not None else self.order)
         unknown = [n for n in order if not any(i.plugin_name == n for i in impls)]
         if unknown:
@@ -158,10 +232,19 @@ class PluginHost:
         ranked = sorted(impls, key=lambda i: order.index(i.plugin_name) if i.plugin_name in order else len(order))
         return [(i.plugin_name, i.function) for i in ranked]
 
-    @staticmethod
-    def _call(fn: Callable[..., Any], **kwargs: Any) -> Any:
-        params = inspect.signature(fn).parameters
-        return fn(**{k: v for k, v in kwargs.items() if k in params})
+    _call = staticmethod(call_impl)
+
+    def validate(
+        self, editor: str, configs: Optional[Mapping[str, Any]], targets: Optional[Iterable[str]] = None
+    ) -> dict[str, Any]:
+        """The step's plugin blocks checked by their plugins (``validate_configs``); a refused block raises
+        ``EditRejected`` (nothing was edited)."""
+        try:
+            return validate_configs(self.pm, dict(configs or {}), editor=editor, targets=targets)
+        except ValueError as e:
+            raise EditRejected(
+                f"edit step {self.step} of {editor} refused before the editor ran (weights untouched): {e}"
+            ) from e
 
     def transform(
         self, name: str, delta: torch.Tensor, weight: torch.Tensor, context: EditContext,
@@ -169,15 +252,30 @@ class PluginHost:
         chain: Optional[Sequence[tuple[str, Callable[..., Any]]]] = None,
     ) -> tuple[torch.Tensor, bool]:
         """Run the chain (``chain``, else the one ``order`` gives) on one delta; returns (final delta, whether
-        any plugin changed it)."""
+        any plugin returned one).
+
+        Each plugin gets its own copies of ``delta`` and ``weight``: what it writes into them does not reach
+        the result, ``weight`` or the next plugin (a write into ``weight`` is warned about).
+        """
         changed = False
         for plugin, fn in (chain if chain is not None else self.transform_chain(order)):
+            mine_delta, mine_weight = delta.clone(), weight.clone()
             try:
-                out = self._call(fn, name=name, delta=delta, weight=weight, context=context)
+                out = self._call(fn, name=name, delta=mine_delta, weight=mine_weight, context=context)
             except Exception as e:
                 raise EditRejected(f"plugin {plugin!r} failed on {name}: {type(e).__name__}: {e}") from e
-            if out is None:
-                continue
+            wrote_weight = bool(mine_weight._version) or not _same(mine_weight, weight)
+            if wrote_weight or (out is None and mine_delta._version):
+                arg = "weight" if wrote_weight else "delta"
+                warnings.warn(
+                    f"plugin {plugin!r} wrote into the {arg!r} argument of easyedit_transform_delta for {name}; "
+                    "arguments are the plugin's own copies, so the write has no effect on the edit. Return the "
+                    "new delta instead (see revive_plugin.hookspecs)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if out is None or (out is mine_delta and not mine_delta._version):
+                continue  # unchanged (its own copy handed back untouched: the editor's write stays bit-exact)
             if not isinstance(out, torch.Tensor) or out.shape != delta.shape:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise EditRejected(
@@ -185,10 +283,30 @@ class PluginHost:
                 )
             if not torch.isfinite(out).all():
                 raise EditRejected(f"plugin {plugin!r} returned a non-finite delta (NaN/inf) for {name}")
-            if out is not delta:
-                changed = True
+            changed = True
             delta = out
         return delta, changed
+
+    def _step_hook(self, hook: str, guard: Callable[[], list[str]], **kwargs: Any) -> list[Any]:
+        """Call ``hook`` one plugin at a time; an exception, or a write into the read-only weights that
+        ``guard`` finds, raises ``EditRejected`` naming the plugin."""
+        results = []
+        for impl in hook_impls(self.pm, hook):
+            try:
+                results.append(self._call(impl.function, **kwargs))
+            except Exception as e:
+                raise EditRejected(
+                    f"plugin {impl.plugin_name!r} failed in {hook} at edit step {self.step} of "
+                    f"{kwargs['context'].editor}: {type(e).__name__}: {e}"
+                ) from e
+            written = guard()
+            if written:
+                raise EditRejected(
+                    f"plugin {impl.plugin_name!r} wrote into the read-only {written} in {hook} at edit step "
+                    f"{self.step}; the step was refused and the weights restored. Copy a tensor (t.clone()) "
+                    "before changing it; only easyedit_transform_delta changes an edit, by returning a delta"
+                )
+        return results
 
     # -- one edit step ---------------------------------------------------------------------------
     def run_step(
@@ -200,9 +318,14 @@ class PluginHost:
         order: Optional[Sequence[str]] = None,
     ) -> tuple[T, StepRecord]:
         """Snapshot ``targets``, call ``run()`` (the editor), pass each changed 2-D weight's delta through the
-        chain and write W_before + ΔW_final. Anything that goes wrong restores every target exactly."""
-        configs = dict(configs or {})
+        chain and write W_before + ΔW_final. Anything that goes wrong restores every target exactly.
+
+        The plugin blocks in ``configs`` are validated first (``easyedit_validate_config``, with the names of
+        the 2-D targets), so a refused block stops the step before the editor runs.
+        """
+        configs = self.validate(editor, configs, [t.name for t in targets if t.tensor.ndim == 2])
         ctx = EditContext(editor=editor, step=self.step, configs=configs, state=self.state)
+        # The host's own snapshot: never handed to a plugin, so a restore always puts back W_before.
         before = {t.name: t.tensor.detach().clone() for t in targets}
         record = StepRecord(step=self.step, editor=editor)
 
@@ -211,8 +334,21 @@ class PluginHost:
                 for t in targets:
                     t.tensor.data.copy_(before[t.name])
 
-        views = {t.name: t.view(before[t.name]) for t in targets}
-        self.pm.hook.easyedit_edit_step_start(context=ctx, weights=views)
+        def versions() -> dict[str, int]:
+            return {t.name: t.tensor._version for t in targets}
+
+        live = types.MappingProxyType({t.name: t.view(t.tensor.detach()) for t in targets})
+        seen = versions()
+
+        def written_at_start() -> list[str]:  # the editor has not run: each weight must equal the snapshot
+            now = versions()
+            return [t.name for t in targets if now[t.name] != seen[t.name] or not _same(t.tensor, before[t.name])]
+
+        try:
+            self._step_hook("easyedit_edit_step_start", written_at_start, context=ctx, weights=live)
+        except BaseException:
+            restore()
+            raise
         started = time.perf_counter()
         try:
             result = run()
@@ -226,7 +362,7 @@ class PluginHost:
             chain = None  # resolved once per step, at the first delta that needs it
             with torch.no_grad():
                 for t in targets:
-                    w0 = views[t.name]
+                    w0 = t.view(before[t.name])
                     delta = t.view(t.tensor.detach()) - w0
                     if not torch.any(delta):
                         continue
@@ -245,8 +381,17 @@ class PluginHost:
                     if changed:
                         record.transformed.append(t.name)
                         t.view(t.tensor.data).copy_(w0 + final.to(dtype=w0.dtype, device=w0.device))
-                after = {t.name: t.view(t.tensor.detach()) for t in targets}
-            for metrics in self.pm.hook.easyedit_edit_step_end(context=ctx, deltas=finals, weights=after):
+            seen_end = versions()
+            seen_deltas = {n: d._version for n, d in finals.items()}
+
+            def written_at_end() -> list[str]:
+                now = versions()
+                return [n for n in now if now[n] != seen_end[n]] + [
+                    f"deltas[{n!r}]" for n, d in finals.items() if d._version != seen_deltas[n]]
+
+            ends = self._step_hook("easyedit_edit_step_end", written_at_end, context=ctx,
+                                   deltas=types.MappingProxyType(finals), weights=live)
+            for metrics in ends:
                 if metrics:
                     record.metrics.update(metrics)
         except BaseException as e:

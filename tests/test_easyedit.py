@@ -223,3 +223,66 @@ def test_gpt2_conv1d_weights_are_marked_transposed():
     w = targets["transformer.h.1.mlp.c_proj.weight"]
     assert w.transposed and tuple(w.tensor.shape) == (64, 16) and tuple(w.view().shape) == (16, 64)
     assert not targets["transformer.h.1.mlp.c_proj.bias"].transposed
+
+
+def test_revive_layers_must_select_a_weight_the_editor_writes(tmp_path, enabled, tiny_model_dir):
+    for layers in ([99], [0], ["model.layers.1.mlp.down_prj"]):
+        path = write_hparams(tmp_path, FT, tiny_model_dir, revive={"tau": 0.3, "layers": layers})
+        with pytest.raises(ValueError, match=r"FT\.yaml: `revive:` block: revive\.layers entries .* select none of "
+                                             r"the weights FT writes.*layers \[1\]: "
+                                             r"\['model\.layers\.1\.mlp\.down_proj\.weight'\]"):
+            load("FT", path)
+    for layers in ([1], ["model.layers.1.mlp.down_proj"], ["model.layers.1"]):
+        hp = load("FT", write_hparams(tmp_path, FT, tiny_model_dir, revive={"tau": 0.3, "layers": layers}))
+        assert hp.plugin_configs["revive"]["layers"] == layers
+
+
+def test_revive_layers_are_checked_again_before_each_edit(tmp_path, enabled, tiny_model_dir):
+    """hparams changed after loading (as a run's hparams_overrides do): refused before the editor runs."""
+    hp = load("FT", write_hparams(tmp_path, FT, tiny_model_dir, revive={"tau": 0.3, "layers": [1]}))
+    hp.layers = [0]
+    editor = editor_for(hp)
+    before = {n: p.detach().clone() for n, p in editor.model.named_parameters()}
+    with pytest.raises(EditRejected, match=r"weights untouched.*revive\.layers entries \[1\] select none of the "
+                                           r"weights FT writes.*it writes layers \[0\]"):
+        editor.edit(**REQUEST, keep_original_weight=False, verbose=False)
+    for n, p in editor.model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+def test_unknown_top_level_keys_name_themselves_and_the_plugins(tmp_path, enabled, tiny_model_dir):
+    with pytest.raises(ValueError, match=r"FT\.yaml: unknown top-level key\(s\) \['reviv'\].*discovered plugins: "
+                                         r"\[.*'revive'.*\].*'reviv': did you mean 'revive'\?"):
+        load("FT", write_hparams(tmp_path, FT, tiny_model_dir, reviv={"tau": 0.1}))
+    with pytest.raises(ValueError, match=r"\['num_step'\].*did you mean 'num_steps'"):
+        load("FT", write_hparams(tmp_path, FT, tiny_model_dir, num_step=3))
+
+
+def test_plugin_order_naming_an_unknown_plugin_fails_at_load(tmp_path, enabled, tiny_model_dir):
+    with pytest.raises(ValueError, match=r"edit_plugins\.order names \['rect'\], which are not installed.*"
+                                         r"installed plugins: \[.*'revive'"):
+        load("MEMIT", write_hparams(tmp_path, MEMIT, tiny_model_dir, revive={},
+                                    edit_plugins={"order": ["rect", "revive"]}))
+
+
+def test_blocks_of_an_excluded_plugin_are_dropped_with_a_warning(tmp_path, tiny_model_dir, monkeypatch):
+    """EASYEDIT_PLUGINS leaves a plugin out: its block no longer reaches EasyEdit's dataclass (TypeError today)."""
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EASYEDIT_PLUGINS", "")
+    easyedit.enable_easyedit(device="cpu")
+    try:
+        path = write_hparams(tmp_path, FT, tiny_model_dir, revive={"tau": 0.3})
+        with pytest.warns(UserWarning, match=r"\['revive'\] have no effect.*excluded by EASYEDIT_PLUGINS=''"):
+            hp = load("FT", path)
+        assert not hasattr(hp, "plugin_configs")
+    finally:
+        easyedit.disable_easyedit()
+
+
+def test_attach_plugin_configs_validates_like_the_yaml(tmp_path, enabled, tiny_model_dir):
+    hp = load("FT", write_hparams(tmp_path, FT, tiny_model_dir))
+    with pytest.raises(ValueError, match=r"unknown top-level key\(s\) \['reviv'\]"):
+        easyedit.attach_plugin_configs(hp, reviv={"tau": 0.2})
+    with pytest.raises(ValueError, match=r"revive\.layers entries \[7\] select none"):
+        easyedit.attach_plugin_configs(hp, revive={"layers": [7]})
+    assert easyedit.attach_plugin_configs(hp, revive=None).plugin_configs == {"revive": {}}

@@ -2,11 +2,13 @@
 
 Active for an edit step when the hparams carry a ``revive:`` block (``context.configs["revive"]``) that is
 not ``enabled: false``. Its per-model state (cached W₀ bases) is a ``ReviveFilter`` kept in
-``context.state["revive"]``.
+``context.state["revive"]``. The block is validated through ``easyedit_validate_config`` like any
+plugin's: its settings (``ReviveConfig``) when the hparams load, and ``layers`` against the weights the
+editor writes (at load time from ``rewrite_module_tmp`` × ``layers``, again before every edit step).
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -15,6 +17,19 @@ from revive_plugin.filter import ReviveFilter
 from revive_plugin.hookspecs import EditContext, hookimpl
 
 NAME = "revive"
+
+
+@hookimpl
+def easyedit_validate_config(
+    config: Any, editor: Optional[str], targets: Optional[Sequence[str]]
+) -> Optional[dict]:
+    """The ``revive:`` block: a valid ``ReviveConfig``, and ``layers`` entries that select a written weight."""
+    from revive_plugin.host import layer_index
+
+    parsed = ReviveConfig.from_dict(config)
+    if targets is not None and parsed.enabled:
+        parsed.check_layers({name: layer_index(name) for name in targets}, editor)
+    return {} if config is None else None
 
 
 def active_filter(context: EditContext) -> Optional[ReviveFilter]:
