@@ -158,7 +158,7 @@ def _threads(parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // parallel)
 
 
-def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 30.0) -> int:
+def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 2.0) -> int:
     """Run (or continue) the study's unfinished runs, ``study.parallel`` at a time; 0 when all finished."""
     selected = [study.runs[n] for n in (only or study.runs)]
     pending = [r for r in selected if not r.finished()]

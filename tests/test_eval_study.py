@@ -1,0 +1,82 @@
+"""`revive study` on a tiny LLaMA: runs side by side, skipped when finished, extended, stopped by SIGTERM and resumed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from revive_plugin.eval.study import Study, run_study
+
+from test_eval_harness import TINY_MEMIT
+
+
+@pytest.fixture
+def study_file(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    hp = tmp_path / "tiny-memit.yaml"
+    hp.write_text(yaml.safe_dump({**TINY_MEMIT, "model_name": str(tiny_model_dir)}))
+    base = {"hparams": str(hp), "edits": 4, "batch_size": 2, "eval_every": 2, "device": "cpu",
+            "glue": {"tasks": ["sst2"], "n_per_task": 4, "few_shot": 0, "dir": None}, "fluency_prompts": 0,
+            "ppl": {"data": None, "n": 8, "max_tokens": 32}}
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump({"name": "plain", "transforms": [], **base}))
+    (tmp_path / "filtered.yaml").write_text(yaml.safe_dump({"name": "filtered", "transforms": ["revive"],
+                                                            "revive": {"tau": 0.3}, **base}))
+
+    def write(edits=4, parallel=2):
+        spec = {"name": "tiny", "output": str(tmp_path / "study"), "parallel": parallel,
+                "runs": {"a": {"config": str(tmp_path / "plain.yaml"), "set": [f"edits={edits}"]},
+                         "b": {"config": str(tmp_path / "filtered.yaml"), "set": [f"edits={edits}"]}},
+                "compare": {"ab": ["a", "b"]}}
+        path = tmp_path / "tiny-study.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return path
+    return write
+
+
+def rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_runs_finish_skip_and_extend(study_file, tmp_path, capsys):
+    study = Study.load(study_file())
+    assert run_study(study, poll_seconds=0.2) == 0
+    a, b = study.runs["a"].run_dir, study.runs["b"].run_dir
+    assert [r["edits"] for r in rows(a)] == [0, 2, 4] and [r["edits"] for r in rows(b)] == [0, 2, 4]
+    assert yaml.safe_load((a / "config.yaml").read_text())["name"] == "a"
+    assert (tmp_path / "study" / "compare-ab" / "compare.md").exists()
+    # Running it again starts nothing.
+    capsys.readouterr()
+    assert run_study(Study.load(study_file()), poll_seconds=0.2) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 runs finished" in out and "--resume" not in out
+    # Asking for more edits continues the same runs from their checkpoints.
+    extended = Study.load(study_file(edits=6))
+    assert extended.runs["a"].command()[-4:] == ["--resume", str(a), "--edits", "6"]
+    assert run_study(extended, poll_seconds=0.2) == 0
+    assert [r["edits"] for r in rows(a)] == [0, 2, 4, 6]
+
+
+def test_sigterm_stops_the_runs_with_checkpoints_and_the_next_call_finishes(study_file, tmp_path):
+    path = study_file(parallel=1)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "revive_plugin.cli", "study", str(path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state = tmp_path / "study" / "a" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["edits_done"] >= 2):
+        time.sleep(0.2)
+    assert state.exists(), proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, out
+    assert "continue with: revive study" in out
+    study = Study.load(path)
+    assert not study.runs["a"].finished() and not study.runs["b"].finished()
+    assert run_study(study, poll_seconds=0.2) == 0
+    assert [r["edits"] for r in rows(tmp_path / "study" / "a")] == [0, 2, 4]
+    assert study.runs["b"].finished()
