@@ -12,9 +12,11 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import random
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ class RunConfig:
     transforms: list = field(default_factory=list)  # plugin names applied to each delta, in order ([] = none)
     batched_z: Any = None                          # MEMIT z optimisation: None = as the hparams say; true/false/{chunk: N}
     revive: dict = field(default_factory=dict)     # the revive block when "revive" is in transforms
+    plugins: dict = field(default_factory=dict)    # plugin name -> its settings block, for the names in transforms
     dataset: str = "counterfact"                   # counterfact | zsre
     data: Optional[str] = None                     # data file; None: the shipped sample
     order: str = "file"                            # file: records in file order | seeded: a permutation by `seed`
@@ -84,14 +87,37 @@ class RunConfig:
         if isinstance(self.collapse_ppl_ratio, bool) or not isinstance(self.collapse_ppl_ratio, (int, float)) \
                 or self.collapse_ppl_ratio <= 1:
             raise ValueError(f"collapse_ppl_ratio must be a number > 1, got {self.collapse_ppl_ratio!r}")
-        if not isinstance(self.transforms, list):
+        if not isinstance(self.transforms, list) or not all(isinstance(n, str) for n in self.transforms):
             raise ValueError(f"transforms must be a list of plugin names, got {self.transforms!r}")
+        self._check_plugin_blocks()
         if "revive" in self.transforms:
-            ReviveConfig.from_dict(self.revive)
+            ReviveConfig.from_dict(self.plugin_block("revive"))
         if self.batched_z is not None:
             from revive_plugin.adapters.easyedit import batched_z_options
 
             batched_z_options(self.batched_z, source="run config")
+
+    def _check_plugin_blocks(self) -> None:
+        """``plugins:`` maps names of plugins in ``transforms`` to mappings (a block nothing would read is refused)."""
+        if not isinstance(self.plugins, dict):
+            raise ValueError(f"plugins must be a mapping of plugin name to its settings (e.g. plugins: {{half: "
+                             f"{{scale: 0.5}}}}), got {self.plugins!r}")
+        for name, block in self.plugins.items():
+            if block is not None and not isinstance(block, dict):
+                raise ValueError(f"plugins.{name} must be a mapping of settings, got {block!r}")
+            if name not in self.transforms:
+                # A block for a plugin that does not run would change nothing while looking as if it did.
+                raise ValueError(f"plugins.{name} is set but {name!r} is not in transforms {self.transforms}; add it "
+                                 f"to transforms or remove the block (--set plugins={{}} drops all blocks)")
+        if self.plugins.get("revive") is not None and self.revive:
+            raise ValueError("the revive block is given twice (revive: and plugins.revive:); keep one of them")
+
+    def plugin_block(self, name: str) -> dict:
+        """The settings block of plugin ``name`` (``revive:`` is the revive block, as ``plugins.revive``)."""
+        block = self.plugins.get(name)
+        if name == "revive" and block is None:
+            block = self.revive
+        return dict(block or {})
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> "RunConfig":
@@ -103,7 +129,13 @@ class RunConfig:
             p = CONFIG_DIR / f"{p}.yaml"
         if not p.exists():
             raise FileNotFoundError(f"run config {path} not found (shipped: {sorted(x.stem for x in CONFIG_DIR.glob('*.yaml'))})")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"run config {p} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"run config {p} must be a mapping of settings (name: ..., hparams: ...), "
+                             f"got {type(data).__name__}")
         return cls.from_dict(apply_overrides(data, overrides), source=str(p))
 
     @classmethod
@@ -111,7 +143,11 @@ class RunConfig:
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise ValueError(f"{source}: unknown run setting(s) {unknown}; allowed: {sorted(allowed)}")
+            transforms = data.get("transforms") if isinstance(data.get("transforms"), list) else []
+            plugin_keys = [k for k in unknown if k in transforms]
+            hint = (f"; settings of the plugin(s) {plugin_keys} go under plugins: (e.g. plugins: {{{plugin_keys[0]}: "
+                    f"{{...}}}}, or --set plugins.{plugin_keys[0]}.KEY=VALUE)") if plugin_keys else ""
+            raise ValueError(f"{source}: unknown run setting(s) {unknown}; allowed: {sorted(allowed)}{hint}")
         try:
             return cls(**data)
         except TypeError as e:
@@ -136,6 +172,29 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
                 raise ValueError(f"override {item!r}: {part!r} is not a mapping")
         target[parts[-1]] = yaml.safe_load(raw)
     return data
+
+
+def check_transforms(transforms: Sequence[str]) -> None:
+    """Every name in ``transforms`` is a discovered plugin with a delta transform, else a ValueError naming them.
+
+    Checked before anything is edited (and before a run directory is created): the host would only notice at
+    the first delta, after the editor had run.
+    """
+    from revive_plugin.host import PLUGINS_ENV, describe_plugins, get_plugin_manager
+
+    if not transforms:
+        return
+    plugins = {p["name"]: p for p in describe_plugins(get_plugin_manager())}
+    missing = [n for n in transforms if n not in plugins]
+    if missing:
+        pinned = f" ({PLUGINS_ENV}={os.environ[PLUGINS_ENV]!r} limits which plugins load)" if PLUGINS_ENV in os.environ else ""
+        raise ValueError(f"transforms names plugin(s) {missing} that are not installed; discovered plugins: "
+                         f"{sorted(plugins)}{pinned}. Install the plugin's package (`revive plugins` lists what is "
+                         "found in the entry-point group easyedit.plugins) or fix transforms")
+    no_hook = [n for n in transforms if "easyedit_transform_delta" not in plugins[n]["hooks"]]
+    if no_hook:
+        raise ValueError(f"transforms names plugin(s) {no_hook}, which implement no easyedit_transform_delta; plugins "
+                         f"with one: {sorted(n for n, p in plugins.items() if 'easyedit_transform_delta' in p['hooks'])}")
 
 
 def _resolve_file(path: str) -> Path:
@@ -234,6 +293,241 @@ def _sigterm_as_interrupt() -> Any:
     return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+# -- checkpoint files ----------------------------------------------------------------------------
+#: A save writes CHECKPOINT_PARTIAL, renames CHECKPOINT to CHECKPOINT_OLD, renames the partial one to CHECKPOINT and
+#: deletes CHECKPOINT_OLD: at every moment one complete checkpoint exists under one of the two names.
+CHECKPOINT, CHECKPOINT_OLD, CHECKPOINT_PARTIAL = "checkpoint", "checkpoint.old", "checkpoint.partial"
+#: What a resume reads from ``state.json`` (besides the BASELINE_KEYS).
+STATE_KEYS = ("edits_done", "host_step", "python_random", "numpy_random", "context_templates")
+#: The easyeditor modules whose sampled context templates a checkpoint keeps.
+TEMPLATE_MODULES = ("easyeditor.models.memit.memit_main", "easyeditor.models.rome.rome_main")
+
+
+class CheckpointError(ValueError):
+    """A run directory's config, results or checkpoint cannot be used as asked; nothing was changed.
+
+    A ValueError, so ``revive eval`` reports it as ``revive: error: ...`` (exit 2) without a traceback.
+    """
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk and checked against the model, not yet applied to anything."""
+
+    state: dict
+    weights: dict[str, torch.Tensor]
+    monitor: ReviveFilter
+    revive: Optional[ReviveFilter]
+    torch_rng: torch.Tensor
+
+
+def _damaged_fix(run_dir: Path) -> str:
+    return (f"the checkpoint cannot be used. Restore {run_dir / CHECKPOINT} from a backup, or start the run again "
+            f"from its settings: `revive eval {run_dir / 'config.yaml'} --output NEW_DIR` (or --output {run_dir} "
+            "--overwrite, which deletes this run)")
+
+
+def _mismatch_fix(run_dir: Path) -> str:
+    return (f"the checkpoint was written for another model or other hparams (model_name, layers, "
+            f"rewrite_module_tmp) than {run_dir / 'config.yaml'} names now; nothing was restored and the model's "
+            "weights are untouched. Resume with the model and hparams the run was started with, or start a new run")
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """One atomic rename (a function of its own so tests can cut a save off between its renames)."""
+    os.replace(src, dst)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` with no moment where it is missing or half written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def recover_checkpoint(run_dir: Path) -> Optional[str]:
+    """Tidy up after a checkpoint save that was cut off (kill, power cut, error); returns what it did, or None.
+
+    Cut off between its two renames, a save leaves only ``checkpoint.old``: the last complete checkpoint, put
+    back. A ``checkpoint.old`` next to ``checkpoint`` is the one the newer checkpoint replaced; a
+    ``checkpoint.partial`` is an unfinished save. Both are deleted.
+    """
+    ckpt, old, partial = (run_dir / n for n in (CHECKPOINT, CHECKPOINT_OLD, CHECKPOINT_PARTIAL))
+    note = None
+    if not ckpt.exists() and old.exists():
+        _rename(old, ckpt)
+        note = f"a checkpoint save was cut off; continuing from the checkpoint before it ({old.name} restored)"
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    return note
+
+
+def _has_rows(metrics: Path) -> bool:
+    return metrics.exists() and any(line.strip() for line in metrics.read_text(errors="replace").splitlines())
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl``; an unfinished last line (a kill while appending) is dropped.
+
+    That row was appended before its checkpoint was saved, so the checkpoint a resume starts from predates it
+    and the row is measured again.
+    """
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                break
+            raise CheckpointError(f"{path} is damaged (line {i} is not JSON: {e}); repair or delete that line, "
+                                  "then resume (rows after the checkpoint are measured again)") from e
+        if not isinstance(row, dict) or isinstance(row.get("edits"), bool) or not isinstance(row.get("edits"), int):
+            raise CheckpointError(f"{path} is damaged (line {i} has no integer 'edits'); repair or delete that line, "
+                                  "then resume")
+        rows.append(row)
+    return rows
+
+
+def read_run_config(path: Path) -> dict:
+    """The settings in a run directory's ``config.yaml``, checked to make a valid RunConfig."""
+    fix = ("the run's settings cannot be read. Restore the file from a backup, or rewrite it with the settings the run "
+           "was started with (the run config and any --set overrides), then resume")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged (not valid YAML: {e}); {fix}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is damaged (expected a mapping of run settings, got {type(data).__name__}); {fix}")
+    try:
+        RunConfig.from_dict(data, source=str(path))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} is damaged or invalid ({e}); {fix}") from e
+    return data
+
+
+def _state_problem(state: Any) -> Optional[str]:
+    """What makes a parsed ``state.json`` unusable, or None."""
+    if not isinstance(state, dict):
+        return f"expected a JSON object, got {type(state).__name__}"
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        return f"missing {missing}"
+    for key in ("edits_done", "host_step"):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{key} must be a non-negative integer, got {value!r}"
+    templates = state["context_templates"]
+    if not isinstance(templates, dict) or set(templates) - set(TEMPLATE_MODULES):
+        return f"context_templates must map {list(TEMPLATE_MODULES)} to templates"
+    if not isinstance(state.get("pre_locality", {}), dict):
+        return "pre_locality must be an object"
+    try:  # on throwaway generators: the process's own are set only once everything has been checked
+        random.Random().setstate((3, tuple(state["python_random"]), None))
+        keys, pos, has_gauss, cached = state["numpy_random"]
+        np.random.RandomState().set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except (TypeError, ValueError, OverflowError) as e:
+        return f"unusable random-generator state ({e})"
+    return None
+
+
+def read_state(path: Path, fix: str) -> dict:
+    """A checkpoint's ``state.json``, checked for everything a resume reads."""
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing (the checkpoint is incomplete); {fix}")
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged (not valid JSON: {e}); {fix}") from e
+    problem = _state_problem(state)
+    if problem:
+        raise CheckpointError(f"{path} is damaged ({problem}); {fix}")
+    return state
+
+
+def _read_tensors(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a missing, truncated or garbage file is a CheckpointError."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing (the checkpoint is incomplete); {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types (header, truncation, I/O)
+        raise CheckpointError(f"{path} is damaged (not a readable safetensors file: {e}); {fix}") from e
+
+
+def _check_weights(path: Path, saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor], fix: str,
+                   mismatch: str) -> None:
+    """Every edited weight of the model is in ``saved`` with its exact shape and dtype, and nothing else is.
+
+    ``copy_`` would broadcast a (1, 64) tensor into a (32, 64) weight without a word: check before copying anything.
+    """
+    missing = [n for n in live if n not in saved]
+    if missing:
+        raise CheckpointError(f"{path} lacks tensor(s) {missing} of the model's edited weights: it is damaged or was "
+                              f"written for other hparams; {fix}")
+    extra = sorted(set(saved) - set(live))
+    if extra:
+        raise CheckpointError(f"{path} holds tensor(s) {extra}, which are not edited weights of this model; {mismatch}")
+    for name, weight in live.items():
+        tensor = saved[name]
+        if tensor.shape != weight.shape or tensor.dtype != weight.dtype:
+            raise CheckpointError(f"{path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, the model's weight "
+                                  f"is {tuple(weight.shape)} {weight.dtype}; {mismatch}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name!r} has non-finite values (NaN/inf), which no edit step "
+                                  f"writes: the file is damaged; {fix}")
+
+
+def _read_filter(path: Path, shapes: dict[str, tuple[int, ...]], fix: str, mismatch: str) -> ReviveFilter:
+    """A ReviveFilter saved by ``ReviveFilter.save``, each basis checked against its weight's (out, in) shape."""
+    tensors, meta = _read_tensors(path, fix)
+    if "revive_config" not in meta:
+        raise CheckpointError(f"{path} is damaged (no revive_config metadata; not written by ReviveFilter.save); {fix}")
+    try:
+        filt = ReviveFilter(ReviveConfig.from_dict(json.loads(meta["revive_config"])))
+        filt.load_state_dict(tensors)
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} is damaged ({e}); {fix}") from e
+    for name in sorted({key.rsplit("::", 1)[0] for key in tensors}):
+        basis = filt.reference(name)
+        if name not in shapes:
+            raise CheckpointError(f"{path} holds a basis for {name!r}, which is not an edited matrix of this model; "
+                                  f"{mismatch}")
+        got = (basis.u.shape[0], basis.v.shape[0])
+        if basis.u.ndim != 2 or basis.v.ndim != 2 or got != shapes[name]:
+            raise CheckpointError(f"{path}: the basis of {name!r} is for a {got} weight, the model's is {shapes[name]}; "
+                                  f"{mismatch}")
+    return filt
+
+
+def _read_rng(path: Path, fix: str) -> torch.Tensor:
+    tensors, _ = _read_tensors(path, fix)
+    rng, expected = tensors.get("torch"), torch.get_rng_state()
+    if rng is None or rng.dtype != expected.dtype or rng.shape != expected.shape:
+        got = "no tensor 'torch'" if rng is None else f"'torch' is {tuple(rng.shape)} {rng.dtype}"
+        raise CheckpointError(f"{path} is damaged ({got}; a torch RNG state is {tuple(expected.shape)} "
+                              f"{expected.dtype}); {fix}")
+    return rng
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
+    """A new run must not overwrite a run or results already in ``run_dir`` (``--overwrite`` deletes them)."""
+    if (run_dir / CHECKPOINT).exists() or (run_dir / CHECKPOINT_OLD).exists():
+        raise FileExistsError(f"{run_dir} already holds a run; continue it with `revive eval --resume {run_dir}`, "
+                              "or pass --overwrite to delete it and start again")
+    if _has_rows(run_dir / "metrics.jsonl"):
+        raise FileExistsError(f"{run_dir} holds results (metrics.jsonl) but no checkpoint to continue from; choose "
+                              "another --output, or pass --overwrite to delete them")
+
+
 # -- the run -------------------------------------------------------------------------------------
 class Run:
     """A sequential editing run in ``run_dir`` (create with ``Run.start``, continue with ``Run.resume``)."""
@@ -241,22 +535,29 @@ class Run:
     def __init__(self, config: RunConfig, run_dir: Path):
         self.config = config
         self.run_dir = run_dir
-        self.ckpt_dir = run_dir / "checkpoint"
+        self.ckpt_dir = run_dir / CHECKPOINT
         self.initial: dict[str, torch.Tensor] = {}   # W₀ of the edited weights (protected-subspace monitors)
         self.ppl_texts: list[str] = []
+        # What Run.start made (the directory, else its config.yaml): removed if the run stops before its first
+        # checkpoint, so a failed start leaves nothing that looks like a run.
+        self.created: list[Path] = []
 
     # setup
     @classmethod
     def start(cls, config: RunConfig, output: Optional[str] = None, overwrite: bool = False) -> "Run":
+        """A new run in ``output`` (default: the config's); refuses a directory holding a run or results."""
         run_dir = Path(output or config.output.format(name=config.name))
-        if (run_dir / "checkpoint").exists() and not overwrite:
-            raise FileExistsError(f"{run_dir} already holds a run; continue it with `revive eval --resume {run_dir}` "
-                                  "or pass --overwrite")
-        if run_dir.exists() and overwrite:
-            shutil.rmtree(run_dir)
+        check_transforms(config.transforms)  # before anything is created
+        if overwrite:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            _refuse_existing_run(run_dir)
+        created = [] if run_dir.exists() else [run_dir]
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        return cls(config, run_dir)
+        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        run = cls(config, run_dir)
+        run.created = created or [run_dir / "config.yaml"]
+        return run
 
     @classmethod
     def resume(cls, run_dir: str | Path, edits: Optional[int] = None) -> "Run":
@@ -264,25 +565,44 @@ class Run:
 
         Extending is exact: edits are taken from the same ordered data, so ``--resume DIR --edits 2000`` after a
         1,000-edit run reaches the weights of an uninterrupted 2,000-edit run (its checkpoint rows at 1,000
-        stay as they were measured).
+        stay as they were measured). A directory without a checkpoint starts from the first edit only when it
+        holds no results (metrics.jsonl); otherwise it is refused, since starting over would overwrite them.
         """
         run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"{run_dir} has no config.yaml: not a run directory")
-        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config_path = run_dir / "config.yaml"
+        if not config_path.exists():
+            what = "does not exist" if not run_dir.exists() else "has no config.yaml: not a run directory"
+            raise FileNotFoundError(f"--resume {run_dir}: the directory {what} (start a run with `revive eval CONFIG "
+                                    f"--output {run_dir}`)")
+        data = read_run_config(config_path)
+        note = recover_checkpoint(run_dir)
+        if note:
+            print(f"[revive] {run_dir}: {note}")
+        done = cls._edits_done(run_dir, config_path)
         if edits is not None and edits != data.get("edits"):
-            state = run_dir / "checkpoint" / "state.json"
-            done = json.loads(state.read_text())["edits_done"] if state.exists() else 0
             if edits < done:
                 raise ValueError(f"--edits {edits} is below the {done} edits {run_dir} has already made; "
                                  "a run cannot be shortened (start a new one)")
             data["edits"] = edits
-            config = RunConfig.from_dict(data, source=str(run_dir))
-            if len(ordered_cases(config)) < edits:
-                raise ValueError(f"--edits {edits}: the run's data has only {len(ordered_cases(config))} records")
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        config = RunConfig.from_dict(data, source=str(run_dir))
-        return cls(config, run_dir)
+            config = RunConfig.from_dict(data, source=str(config_path))
+            available = len(ordered_cases(config))
+            if available < edits:
+                raise ValueError(f"--edits {edits}: the run's data has only {available} records")
+            _write_atomic(config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        return cls(RunConfig.from_dict(data, source=str(config_path)), run_dir)
+
+    @staticmethod
+    def _edits_done(run_dir: Path, config_path: Path) -> int:
+        """Edits made by the run's checkpoint (0 without one); refuses a directory whose results it would overwrite."""
+        if (run_dir / CHECKPOINT).exists():
+            return read_state(run_dir / CHECKPOINT / "state.json", _damaged_fix(run_dir))["edits_done"]
+        if _has_rows(run_dir / "metrics.jsonl"):
+            raise CheckpointError(
+                f"{run_dir} has results in metrics.jsonl but no {CHECKPOINT}/ to continue from; resuming would start "
+                f"over and overwrite them. Keep them and start a new run with `revive eval {config_path} --output "
+                f"NEW_DIR`, or start again in place with `--output {run_dir} --overwrite` (deletes them)")
+        print(f"[revive] {run_dir} has no checkpoint (the run stopped before its first one): starting from the first edit")
+        return 0
 
     def _load_hparams(self) -> Any:
         from revive_plugin.adapters.compat import import_easyeditor
@@ -300,7 +620,7 @@ class Run:
             setattr(hp, key, value)
         if self.config.model:
             hp.model_name = self.config.model
-        from revive_plugin.adapters.easyedit import BATCHED_Z_BLOCK, batched_z_options
+        from revive_plugin.adapters.easyedit import BATCHED_Z_BLOCK, attach_plugin_configs, batched_z_options
 
         configs = {}
         z = getattr(hp, PLUGIN_CONFIGS_ATTR, {}).get(BATCHED_Z_BLOCK)  # the hparams file's choice
@@ -308,11 +628,14 @@ class Run:
             z = batched_z_options(self.config.batched_z, source="run config")
         if z:
             configs[BATCHED_Z_BLOCK] = z
+        check_transforms(self.config.transforms)
         for name in self.config.transforms:
-            configs[name] = dict(self.config.revive) if name == "revive" else {}
+            configs[name] = self.config.plugin_block(name)
         if self.config.transforms:
             configs["edit_plugins"] = {"order": list(self.config.transforms)}
-        setattr(hp, PLUGIN_CONFIGS_ATTR, configs)
+        # The run config's blocks replace the hparams file's; attach validates them as if they were in that file.
+        setattr(hp, PLUGIN_CONFIGS_ATTR, {})
+        attach_plugin_configs(hp, **configs)
         return hp
 
     def _cases(self) -> list[Any]:
@@ -324,53 +647,141 @@ class Run:
 
     # checkpoint
     def _save(self, done: int, model: Any, hp: Any, host: Any, monitor: ReviveFilter, extra: dict) -> None:
+        """Write a checkpoint so that a kill at any moment leaves a complete one (this or the previous).
+
+        The files go to ``checkpoint.partial`` (``state.json``, which marks it complete, last); then the old
+        checkpoint is renamed ``checkpoint.old``, the new one renamed into place and the old one deleted.
+        ``recover_checkpoint`` puts ``checkpoint.old`` back if a kill falls between the renames.
+        """
+        partial = self.run_dir / CHECKPOINT_PARTIAL
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        self._write_checkpoint(partial, done, model, hp, host, monitor, extra)
+        old = self.run_dir / CHECKPOINT_OLD
+        if self.ckpt_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            _rename(self.ckpt_dir, old)
+        _rename(partial, self.ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def _write_checkpoint(directory: Path, done: int, model: Any, hp: Any, host: Any, monitor: ReviveFilter,
+                          extra: dict) -> None:
         from safetensors.torch import save_file
 
         from revive_plugin.adapters.compat import import_easyeditor
         from revive_plugin.adapters.easyedit import target_weights
 
-        tmp = self.run_dir / "checkpoint.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         weights = {t.name: t.tensor.detach().cpu().contiguous() for t in target_weights(model, hp)}
-        save_file(weights, str(tmp / "weights.safetensors"))
-        monitor.save(tmp / "monitor.safetensors")
+        save_file(weights, str(directory / "weights.safetensors"))
+        monitor.save(directory / "monitor.safetensors")
         if isinstance(host.state.get("revive"), ReviveFilter):
-            host.state["revive"].save(tmp / "revive.safetensors")
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        templates = {}
-        for module in ("easyeditor.models.memit.memit_main", "easyeditor.models.rome.rome_main"):
-            templates[module] = import_easyeditor(module).CONTEXT_TEMPLATES_CACHE
+            host.state["revive"].save(directory / "revive.safetensors")
+        save_file({"torch": torch.get_rng_state()}, str(directory / "rng.safetensors"))
+        templates = {module: import_easyeditor(module).CONTEXT_TEMPLATES_CACHE for module in TEMPLATE_MODULES}
         np_state = np.random.get_state()
         state = {"edits_done": done, "host_step": host.step, "python_random": list(random.getstate()[1]),
                  "numpy_random": [np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
                  "context_templates": templates, **extra}
-        (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-        tmp.rename(self.ckpt_dir)  # a checkpoint is either complete or absent
+        (directory / "state.json").write_text(json.dumps(state))
 
-    def _load(self, model: Any, hp: Any, host: Any) -> tuple[int, ReviveFilter, dict]:
-        from safetensors.torch import load_file
+    def _read_checkpoint(self, targets: Sequence[Any]) -> Checkpoint:
+        """Read every file of the checkpoint and check it against the model's edited weights (``targets``).
 
+        Nothing is applied here, so a damaged or mismatched checkpoint leaves the model as it was.
+        """
+        fix, mismatch = _damaged_fix(self.run_dir), _mismatch_fix(self.run_dir)
+        d = self.ckpt_dir
+        state = read_state(d / "state.json", fix)
+        weights, _ = _read_tensors(d / "weights.safetensors", fix)
+        _check_weights(d / "weights.safetensors", weights, {t.name: t.tensor for t in targets}, fix, mismatch)
+        shapes = {t.name: tuple(t.view().shape) for t in targets if t.view().ndim == 2}
+        monitor = _read_filter(d / "monitor.safetensors", shapes, fix, mismatch)
+        # REVIVE's state appears with its first edit step: a checkpoint before it has none.
+        revive = _read_filter(d / "revive.safetensors", shapes, fix, mismatch) \
+            if (d / "revive.safetensors").exists() else None
+        return Checkpoint(state=state, weights=weights, monitor=monitor, revive=revive,
+                          torch_rng=_read_rng(d / "rng.safetensors", fix))
+
+    @staticmethod
+    def _restore(ckpt: Checkpoint, model: Any, hp: Any, host: Any) -> tuple[int, ReviveFilter, dict]:
+        """Apply a checked checkpoint: weights, plugin state, host step, RNG states, context templates."""
         from revive_plugin.adapters.compat import import_easyeditor
         from revive_plugin.adapters.easyedit import target_weights
 
-        state = json.loads((self.ckpt_dir / "state.json").read_text())
-        weights = load_file(str(self.ckpt_dir / "weights.safetensors"))
+        state = ckpt.state
         with torch.no_grad():
             for t in target_weights(model, hp):
-                t.tensor.copy_(weights[t.name])
-        monitor = ReviveFilter.load(self.ckpt_dir / "monitor.safetensors")
-        if (self.ckpt_dir / "revive.safetensors").exists():
-            host.state["revive"] = ReviveFilter.load(self.ckpt_dir / "revive.safetensors")
+                t.tensor.copy_(ckpt.weights[t.name])
+        if ckpt.revive is not None:
+            host.state["revive"] = ckpt.revive
         host.step = state["host_step"]
-        torch.set_rng_state(load_file(str(self.ckpt_dir / "rng.safetensors"))["torch"])
+        torch.set_rng_state(ckpt.torch_rng)
         random.setstate((3, tuple(state["python_random"]), None))
         keys, pos, has_gauss, cached = state["numpy_random"]
         np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
         for module, templates in state["context_templates"].items():
             import_easyeditor(module).CONTEXT_TEMPLATES_CACHE = templates
-        return state["edits_done"], monitor, state
+        return state["edits_done"], ckpt.monitor, state
+
+    def _load(self, model: Any, hp: Any, host: Any) -> tuple[int, ReviveFilter, dict]:
+        """Restore the checkpoint into ``model`` and ``host`` after checking all of it; returns (edits, monitor, state)."""
+        from revive_plugin.adapters.easyedit import target_weights
+
+        return self._restore(self._read_checkpoint(target_weights(model, hp)), model, hp, host)
+
+    def _has_checkpoint(self) -> bool:
+        return self.ckpt_dir.exists() or (self.run_dir / CHECKPOINT_OLD).exists()
+
+    def _discard_unfinished_start(self) -> None:
+        """After a stop before the first checkpoint: remove what this run wrote, so nothing half-made remains.
+
+        Without a checkpoint nothing can be resumed, and a metrics.jsonl left behind would make the directory
+        look like a run with results (which ``start`` and ``resume`` refuse to overwrite).
+        """
+        written = [self.run_dir / n for n in ("metrics.jsonl", "resources.jsonl", CHECKPOINT_PARTIAL)]
+        removed = []
+        for path in [p for p in written + self.created if p.exists()]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(str(path))
+        if self.created:  # Run.start made this run: the command that made it makes it again
+            shown = [str(self.run_dir)] if self.run_dir in self.created else removed
+            how = f"removed {', '.join(shown)}; run the same command again"
+        else:
+            how = (f"removed {', '.join(removed) or 'nothing'}; `revive eval --resume {self.run_dir}` starts it again "
+                   "from the first edit")
+        print(f"[revive] the run stopped before its first checkpoint, so nothing could be resumed: {how}",
+              file=sys.stderr)
+
+    def _resume_from_checkpoint(self, model: Any, tok: Any, hp: Any, host: Any, cases: list,
+                                metrics_path: Path) -> tuple[int, ReviveFilter, dict]:
+        """Restore the checkpoint into the freshly loaded ``model``; drop the rows measured after it."""
+        from revive_plugin.adapters.easyedit import target_weights
+
+        ckpt = self._read_checkpoint(target_weights(model, hp))
+        self._complete_pre_locality(ckpt.state, model, tok, cases)
+        done, monitor, state = self._restore(ckpt, model, hp, host)
+        rows = read_rows(metrics_path)
+        kept = [r for r in rows if r["edits"] <= done]  # rows measured after the checkpoint are measured again
+        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        again = [r["edits"] for r in rows if r["edits"] > done]
+        print(f"[revive] resuming {self.run_dir} at {done}/{self.config.edits} edits"
+              + (f" (the rows at {again} edits, measured after the checkpoint, are measured again)" if again else ""))
+        if self.ppl_texts and "ppl_baseline" not in state:
+            print("[revive] this run's checkpoint has no pre-edit perplexity (it predates the measure): "
+                  "perplexity is not reported for it")
+        return done, monitor, state
+
+    @staticmethod
+    def _complete_pre_locality(state: dict, model: Any, tok: Any, cases: Sequence[Any]) -> None:
+        """Add the unedited model's locality reference for cases the checkpoint lacks (a run extended with
+        --edits); call it before the checkpoint's weights are restored, while the model is still unedited."""
+        pre = state.get("pre_locality")
+        if pre is None:
+            return
+        missing = [c for c in cases if str(c.case_id) not in pre]
+        if missing:
+            pre.update(locality_argmax(model, tok, missing))
 
     # evaluation at a checkpoint
     def _evaluate(self, done: int, model: Any, tok: Any, hp: Any, cases: list, probe: Any, monitor: ReviveFilter,
@@ -446,7 +857,26 @@ class Run:
             fh.write(json.dumps(row) + "\n")
 
     def execute(self, stop_after: Optional[int] = None) -> Path:
-        """Run (or continue) to ``config.edits``; ``stop_after`` ends early after that many edits (tests)."""
+        """Run (or continue) to ``config.edits``; ``stop_after`` ends early after that many edits (tests).
+
+        Ctrl-C and SIGTERM save a checkpoint at the last completed edit step. A run that stops before its first
+        checkpoint removes what it wrote (see ``_discard_unfinished_start``).
+        """
+        note = recover_checkpoint(self.run_dir)  # a save cut off earlier in this process
+        if note:
+            print(f"[revive] {self.run_dir}: {note}")
+        previous_term = _sigterm_as_interrupt()
+        try:
+            return self._execute(stop_after)
+        except BaseException:
+            if not self._has_checkpoint():
+                self._discard_unfinished_start()
+            raise
+        finally:
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
+
+    def _execute(self, stop_after: Optional[int]) -> Path:
         from revive_plugin.adapters.compat import import_easyeditor
         from revive_plugin.adapters.easyedit import enable_easyedit, host_for, target_weights
 
@@ -478,15 +908,7 @@ class Run:
         metrics_path = self.run_dir / "metrics.jsonl"
         clock = {"host": dict(host.seconds), "eval": 0.0}
         if self.ckpt_dir.exists():
-            done, monitor, state = self._load(model, hp, host)
-            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-                if metrics_path.exists() else []
-            rows = [r for r in rows if r["edits"] <= done]  # drop rows written after the checkpoint
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            print(f"[revive] resuming {self.run_dir} at {done}/{cfg.edits} edits")
-            if self.ppl_texts and "ppl_baseline" not in state:
-                print("[revive] this run's checkpoint has no pre-edit perplexity (it predates the measure): "
-                      "perplexity is not reported for it")
+            done, monitor, state = self._resume_from_checkpoint(model, tok, hp, host, cases, metrics_path)
         else:
             done = 0
             began = time.perf_counter()
@@ -509,10 +931,9 @@ class Run:
             self._record_resources(0, host, clock)
         extra = {k: state[k] for k in BASELINE_KEYS if k in state}
         target = cfg.edits if stop_after is None else min(cfg.edits, stop_after)
-        evaluated = {json.loads(line)["edits"] for line in metrics_path.read_text().splitlines() if line.strip()}
+        evaluated = {r["edits"] for r in read_rows(metrics_path)}
         bar = tqdm(total=cfg.edits, initial=done, desc=f"{cfg.name} edits", unit="edit")
         start, start_done = time.time(), done
-        previous_term = _sigterm_as_interrupt()
         try:
             while True:
                 # Evaluate before editing on: a run interrupted during a checkpoint's evaluation redoes it.
@@ -547,8 +968,6 @@ class Run:
             raise
         finally:
             bar.close()
-            if previous_term is not None:
-                signal.signal(signal.SIGTERM, previous_term)
         if done >= cfg.edits:
             write_report(self.run_dir)
         return self.run_dir

@@ -64,6 +64,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.resume:
         fixed = [f"--{k.replace('_', '-')}" for k in ("batch_size", "eval_every", "data", "seed", "output")
                  if getattr(args, k) is not None] + (["--set"] if args.set else []) + (["CONFIG"] if args.config else [])
+        if args.overwrite:
+            raise ValueError(f"--resume continues the run in {args.resume}; --overwrite would delete it. To start it "
+                             f"again, run `revive eval {args.resume}/config.yaml --output {args.resume} --overwrite`")
         if fixed:
             raise ValueError(f"--resume continues a run with the settings it started with; {', '.join(fixed)} cannot "
                              "change them (a resumed run must reach the same numbers as an uninterrupted one). Only "
@@ -139,15 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="sequential editing run with checkpoints, evaluation and resume")
     p.add_argument("config", nargs="?", help="run config YAML (path or name in eval/configs)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (e.g. revive.tau=0.2)")
-    p.add_argument("--edits", type=int, help="number of edits")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its checkpoint (with --edits N: extend it to N edits)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting (e.g. revive.tau=0.2; a plugin's block: plugins.NAME.KEY=VALUE)")
+    p.add_argument("--edits", type=int, help="number of edits (with --resume: extend the run to this many)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="requests per edit step")
     p.add_argument("--eval-every", dest="eval_every", type=int, help="checkpoint and evaluate every N edits")
     p.add_argument("--data", help="dataset file (default: the shipped sample)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the record order, evaluation samples and editing RNGs")
     p.add_argument("--output", help="run directory (default: the config's output)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing run directory (its checkpoint and results) and start again")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", help="edit one held-out batch per hparams grid point and measure it")

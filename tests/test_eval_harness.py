@@ -1,5 +1,8 @@
-"""The sequential harness on a tiny in-process LLaMA: schedule, resume equality, Ctrl-C, CLI, reports."""
+"""The sequential harness on a tiny in-process LLaMA: schedule, resume equality, Ctrl-C, CLI, reports, extending a
+run, plugin blocks."""
+import importlib
 import json
+import sys
 
 import pytest
 import torch
@@ -167,3 +170,123 @@ def test_batched_z_from_the_run_config(run_config, monkeypatch):
     assert [r["edits"] for r in rows(done)] == [0, 2]
     assert rows(done)[-1]["facts_evaluated"] == 2
     assert calls == []  # easyeditor's per-request compute_z was replaced for the whole run
+
+
+def lean(run_config, name, **extra):
+    """A run_config without GLUE and perplexity (what these tests check does not need them)."""
+    return run_config(name, glue={"tasks": [], "n_per_task": 0, "few_shot": 0, "dir": None}, ppl=None, **extra)
+
+
+def test_extending_a_run_with_resume_edits_equals_an_uninterrupted_run(run_config, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    straight = Run.start(lean(run_config, "six", edits=6, fluency_prompts=0)).execute()
+    easyedit.disable_easyedit()
+    four = Run.start(lean(run_config, "four", edits=4, fluency_prompts=0)).execute()
+    assert [r["edits"] for r in rows(four)] == [0, 2, 4]
+    easyedit.disable_easyedit()
+    assert main(["eval", "--resume", str(four), "--edits", "6"]) == 0
+    assert yaml.safe_load((four / "config.yaml").read_text())["edits"] == 6
+    r1, r2 = rows(straight), rows(four)
+    assert [r["edits"] for r in r2] == [0, 2, 4, 6]
+    for a, b in zip(r1, r2):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["edits"], k)
+    wa = load_file(str(straight / "checkpoint" / "weights.safetensors"))
+    wb = load_file(str(four / "checkpoint" / "weights.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert main(["eval", "--resume", str(four), "--edits", "2"]) == 2  # a run is never shortened
+    assert "--edits 2 is below the 6 edits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--set", "revive.tau=0.2"], "--set"), (["--seed", "3"], "--seed"), (["--data", "x.json"], "--data"),
+    (["--overwrite"], "--overwrite would delete it"),
+])
+def test_resume_refuses_overrides_other_than_edits(tmp_path, capsys, extra, named):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("sentinel")
+    assert main(["eval", "--resume", str(run_dir), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("revive: error: ") and named in err and "Traceback" not in err
+    assert (run_dir / "config.yaml").read_text() == "sentinel"
+
+
+HALF_PLUGIN = '''
+"""A third-party plugin for the tests: scales each delta by its block's `scale`; records what it was given."""
+from revive_plugin import hookimpl
+
+SEEN = []
+
+
+@hookimpl
+def easyedit_transform_delta(name, delta, weight, context):
+    block = context.configs.get("half")
+    if block is None:
+        return None
+    SEEN.append(dict(block))
+    return delta * float(block.get("scale", 0.5))
+'''
+
+
+@pytest.fixture
+def half_plugin(tmp_path, monkeypatch):
+    """Installs the plugin `half` for real: a module and a dist-info with its entry point on sys.path."""
+    site = tmp_path / "site"
+    dist = site / "revive_test_half-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (site / "revive_test_half.py").write_text(HALF_PLUGIN)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: revive-test-half\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[easyedit.plugins]\nhalf = revive_test_half\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("EASYEDIT_PLUGINS", raising=False)
+    module = importlib.import_module("revive_test_half")
+    module.SEEN.clear()
+    yield module
+    sys.modules.pop("revive_test_half", None)
+
+
+def test_run_config_plugins_blocks_and_set_reach_any_plugin(run_config, half_plugin, tmp_path):
+    cfg = lean(run_config, "half", transforms=["half", "revive"], plugins={"half": {"scale": 0.5}}, edits=2,
+               fluency_prompts=0, eval_last_batch=False)
+    path = tmp_path / "half.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["eval", str(path), "--set", "plugins.half.scale=0.25", "--output", str(tmp_path / "h")]) == 0
+    assert half_plugin.SEEN and all(block == {"scale": 0.25} for block in half_plugin.SEEN)
+    saved = yaml.safe_load((tmp_path / "h" / "config.yaml").read_text())
+    assert saved["plugins"] == {"half": {"scale": 0.25}} and saved["revive"] == {"tau": 0.3}
+
+
+def test_plugin_blocks_are_checked_against_transforms():
+    base = {"name": "x", "hparams": "h.yaml"}
+    assert RunConfig.from_dict({**base, "transforms": ["revive"], "plugins": {"revive": {"tau": 0.2}}}) \
+        .plugin_block("revive") == {"tau": 0.2}
+    assert RunConfig.from_dict({**base, "transforms": ["revive"], "revive": {"tau": 0.2}}).plugin_block("revive") \
+        == {"tau": 0.2}
+    with pytest.raises(ValueError, match="revive.tau"):
+        RunConfig.from_dict({**base, "transforms": ["revive"], "plugins": {"revive": {"tau": 3}}})
+    with pytest.raises(ValueError, match=r"revive block is given twice"):
+        RunConfig.from_dict({**base, "transforms": ["revive"], "revive": {"tau": 0.2},
+                             "plugins": {"revive": {"tau": 0.3}}})
+    with pytest.raises(ValueError, match=r"plugins.half is set but 'half' is not in transforms \['revive'\]"):
+        RunConfig.from_dict({**base, "transforms": ["revive"], "plugins": {"half": {"scale": 0.5}}})
+    with pytest.raises(ValueError, match=r"plugins.half must be a mapping"):
+        RunConfig.from_dict({**base, "transforms": ["half"], "plugins": {"half": 0.5}})
+    with pytest.raises(ValueError, match=r"unknown run setting.*'half'.*--set plugins.half.KEY=VALUE"):
+        RunConfig.from_dict(apply_overrides({**base, "transforms": ["half"]}, ["half.scale=0.25"]))
+
+
+def test_a_transform_that_is_not_installed_fails_before_anything_is_made(run_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("EASYEDIT_PLUGINS", raising=False)
+    cfg = run_config("nope", transforms=["nope"])
+    path = tmp_path / "nope.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["eval", str(path), "--output", str(tmp_path / "nope-run")]) == 2
+    err = capsys.readouterr().err
+    assert "transforms names plugin(s) ['nope'] that are not installed; discovered plugins: [" in err
+    assert "'revive'" in err and "Traceback" not in err
+    assert not (tmp_path / "nope-run").exists()
