@@ -108,6 +108,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .eval.study import Study, run_study
+
+    study = Study.load(args.study, data_root=args.data_root, output=args.output)
+    if args.status:
+        print(study.status())
+        return 0
+    unknown = [n for n in (args.only or []) if n not in study.runs]
+    if unknown:
+        raise ValueError(f"--only names unknown run(s) {unknown}; the study's runs: {sorted(study.runs)}")
+    if args.parallel:
+        study.parallel = args.parallel
+    return run_study(study, only=args.only or ())
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .eval.report import compare
 
@@ -166,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-data", dest="ppl_data", help="perplexity sentences (default: the shipped 200 ME-PPL)")
     p.add_argument("--output", default="runs/calibration", help="where calibration.md/.jsonl go")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("study", help="run a study's runs side by side, resumably, and compare them")
+    p.add_argument("study", help="study YAML (path or name in eval/studies, e.g. length)")
+    p.add_argument("--only", nargs="+", metavar="RUN", help="run only these of the study's runs")
+    p.add_argument("--parallel", type=int, help="runs at once (default: the study file's)")
+    p.add_argument("--data-root", dest="data_root", help="replaces {data_root} in the runs' settings")
+    p.add_argument("--output", help="the study's folder (default: the study file's output)")
+    p.add_argument("--status", action="store_true", help="print each run's progress and exit")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("compare", help="several runs in one table and one set of plots")
     p.add_argument("runs", nargs="+", help="run directories")
