@@ -78,11 +78,10 @@ class StudyRun:
             if self.target_edits:
                 cmd += ["--edits", str(self.target_edits)]
             return cmd
+        # No --overwrite: `revive eval` refuses a directory that holds results, and the study says so.
         cmd = base + [self.config, "--output", str(self.run_dir), "--set", f"name={self.name}"]
         for item in self.overrides:
             cmd += ["--set", item]
-        if self.run_dir.exists():
-            cmd.append("--overwrite")  # a directory without a checkpoint holds no edits to keep
         return cmd
 
 

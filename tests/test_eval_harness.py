@@ -62,7 +62,11 @@ def test_overrides_and_validation():
 def test_shipped_configs_load():
     for name in ("smollm2-memit", "smollm2-memit-revive"):
         cfg = RunConfig.from_yaml(name, ["revive.tau=0.2"])
-        assert cfg.edits == 100 and cfg.batch_size == 10
+        assert cfg.edits == 200 and cfg.batch_size == 100  # the batch size MEMIT was calibrated at
+        assert cfg.hparams_overrides == {}                 # the calibrated hparams file as shipped
+    for name in ("smollm2-rome", "smollm2-rome-revive", "smollm2-ft", "smollm2-ft-revive"):
+        cfg = RunConfig.from_yaml(name)
+        assert cfg.transforms == (["revive"] if name.endswith("revive") else [])
 
 
 def test_schedule_resume_equals_uninterrupted(run_config):
