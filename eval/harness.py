@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -317,7 +318,7 @@ class Checkpoint:
     state: dict
     weights: dict[str, torch.Tensor]
     monitor: ReviveFilter
-    revive: Optional[ReviveFilter]
+    plugin_state: dict[str, Any]  # entries of the host's per-model state, from the plugins' state files
     torch_rng: torch.Tensor
 
 
@@ -508,6 +509,116 @@ def _read_filter(path: Path, shapes: dict[str, tuple[int, ...]], fix: str, misma
     return filt
 
 
+#: Plugins whose state file keeps the name it had before plugins saved through the state hooks (older
+#: checkpoints hold it, in the same layout); every other plugin's is ``plugin-<name>.safetensors``.
+LEGACY_STATE_FILES = {"revive": "revive.safetensors"}
+_PLUGIN_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_PLUGIN_FILE = re.compile(r"plugin-(?P<name>[A-Za-z0-9_.\-]+)\.safetensors")
+
+
+def plugin_state_file(name: str) -> str:
+    """The file name of plugin ``name``'s state in a checkpoint."""
+    if name in LEGACY_STATE_FILES:
+        return LEGACY_STATE_FILES[name]
+    if not _PLUGIN_NAME.fullmatch(name):
+        raise ValueError(f"plugin name {name!r} cannot name a checkpoint file (letters, digits, '_', '.', '-' only)")
+    return f"plugin-{name}.safetensors"
+
+
+def _write_plugin_states(directory: Path, host: Any) -> list[str]:
+    """Each plugin's ``easyedit_state_save`` result as ``directory/plugin_state_file(name)``; returns the names.
+
+    Tensors are saved as tensors (copied to the CPU), strings as the file's metadata, next to the reserved
+    ``easyedit.plugin`` key that names the plugin.
+    """
+    import types
+
+    from safetensors.torch import save_file
+
+    from revive_plugin.hookspecs import STATE_PLUGIN_KEY
+    from revive_plugin.host import call_impl, hook_impls
+
+    written = []
+    for impl in hook_impls(host.pm, "easyedit_state_save"):
+        name = impl.plugin_name
+        try:
+            saved = call_impl(impl.function, name=name, state=types.MappingProxyType(host.state))
+        except Exception as e:
+            raise RuntimeError(f"plugin {name!r} failed saving its state for the checkpoint: "
+                               f"{type(e).__name__}: {e}") from e
+        if saved is None:
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        meta = {STATE_PLUGIN_KEY: name}
+        for key, value in saved.items():
+            if not isinstance(key, str) or key == STATE_PLUGIN_KEY:
+                raise ValueError(f"plugin {name!r} returned the key {key!r} from easyedit_state_save; keys are strings "
+                                 f"other than {STATE_PLUGIN_KEY!r}")
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+            elif isinstance(value, str):
+                meta[key] = value
+            else:
+                raise TypeError(f"plugin {name!r} returned a {type(value).__name__} for {key!r} from "
+                                "easyedit_state_save; values are tensors or strings")
+        save_file(tensors, str(directory / plugin_state_file(name)), metadata=meta)
+        written.append(name)
+    return written
+
+
+def _read_plugin_states(directory: Path, pm: Any, configs: dict, weights: dict[str, torch.Tensor], fix: str,
+                        mismatch: str) -> dict[str, Any]:
+    """Every plugin state file of a checkpoint, read and handed to its plugin's ``easyedit_state_load``.
+
+    Returns the entries the plugins restored (for the host's per-model state); nothing is applied here. A file
+    that is unreadable, names another plugin, belongs to a plugin that is not loaded, or that its plugin
+    refuses is a CheckpointError naming it.
+    """
+    import types
+
+    from revive_plugin.hookspecs import STATE_PLUGIN_KEY
+    from revive_plugin.host import PLUGINS_ENV, call_impl, hook_impls
+
+    files = {}
+    for path in sorted(directory.iterdir()):
+        found = _PLUGIN_FILE.fullmatch(path.name)
+        if found:
+            files[found["name"]] = path
+    for name, legacy in LEGACY_STATE_FILES.items():
+        if (directory / legacy).exists():
+            files[name] = directory / legacy
+    loaders = {impl.plugin_name: impl for impl in hook_impls(pm, "easyedit_state_load")}
+    loaded = {name for name, plugin in pm.list_name_plugin() if plugin is not None}
+    restored: dict[str, Any] = {}
+    for name, path in sorted(files.items()):
+        tensors, meta = _read_tensors(path, fix)
+        owner = meta.pop(STATE_PLUGIN_KEY, None)
+        if owner is None and name not in LEGACY_STATE_FILES:
+            raise CheckpointError(f"{path} is damaged (no {STATE_PLUGIN_KEY!r} metadata naming its plugin); {fix}")
+        if owner is not None and owner != name:
+            raise CheckpointError(f"{path} holds the state of plugin {owner!r}, not of {name!r}: the file was renamed "
+                                  f"or is damaged; {fix}")
+        impl = loaders.get(name)
+        if impl is None:
+            why = ("is not loaded in this process" + (f" ({PLUGINS_ENV}={os.environ[PLUGINS_ENV]!r})"
+                                                      if PLUGINS_ENV in os.environ else "")
+                   if name not in loaded else "implements no easyedit_state_load")
+            raise CheckpointError(f"{path} holds the state of plugin {name!r}, which {why}; resume with the plugins "
+                                  "the run was started with (install the plugin, or fix EASYEDIT_PLUGINS)")
+        scratch: dict[str, Any] = {}
+        try:
+            call_impl(impl.function, name=name, state=scratch, tensors={**meta, **tensors},
+                      config=configs.get(name), weights=types.MappingProxyType(weights))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: plugin {name!r} cannot restore its state from it: {e}. Either the file is "
+                                  f"damaged ({fix}) or {mismatch}") from e
+        except Exception as e:
+            raise CheckpointError(f"{path}: plugin {name!r} failed restoring its state from it: "
+                                  f"{type(e).__name__}: {e}; {fix}") from e
+        restored.update(scratch)
+    return restored
+
+
 def _read_rng(path: Path, fix: str) -> torch.Tensor:
     tensors, _ = _read_tensors(path, fix)
     rng, expected = tensors.get("torch"), torch.get_rng_state()
@@ -675,8 +786,7 @@ class Run:
         weights = {t.name: t.tensor.detach().cpu().contiguous() for t in target_weights(model, hp)}
         save_file(weights, str(directory / "weights.safetensors"))
         monitor.save(directory / "monitor.safetensors")
-        if isinstance(host.state.get("revive"), ReviveFilter):
-            host.state["revive"].save(directory / "revive.safetensors")
+        _write_plugin_states(directory, host)  # every plugin's state (REVIVE's bases, PRUNE's W₀, …)
         save_file({"torch": torch.get_rng_state()}, str(directory / "rng.safetensors"))
         templates = {module: import_easyeditor(module).CONTEXT_TEMPLATES_CACHE for module in TEMPLATE_MODULES}
         np_state = np.random.get_state()
@@ -685,11 +795,15 @@ class Run:
                  "context_templates": templates, **extra}
         (directory / "state.json").write_text(json.dumps(state))
 
-    def _read_checkpoint(self, targets: Sequence[Any]) -> Checkpoint:
+    def _read_checkpoint(self, targets: Sequence[Any], host: Any = None, hp: Any = None) -> Checkpoint:
         """Read every file of the checkpoint and check it against the model's edited weights (``targets``).
 
-        Nothing is applied here, so a damaged or mismatched checkpoint leaves the model as it was.
+        Plugin state files go to the plugins of ``host`` (default: the discovered plugins) with their blocks
+        in ``hp``. Nothing is applied here, so a damaged or mismatched checkpoint leaves the model as it was.
         """
+        from revive_plugin.adapters.easyedit import PLUGIN_CONFIGS_ATTR
+        from revive_plugin.host import get_plugin_manager
+
         fix, mismatch = _damaged_fix(self.run_dir), _mismatch_fix(self.run_dir)
         d = self.ckpt_dir
         state = read_state(d / "state.json", fix)
@@ -697,10 +811,12 @@ class Run:
         _check_weights(d / "weights.safetensors", weights, {t.name: t.tensor for t in targets}, fix, mismatch)
         shapes = {t.name: tuple(t.view().shape) for t in targets if t.view().ndim == 2}
         monitor = _read_filter(d / "monitor.safetensors", shapes, fix, mismatch)
-        # REVIVE's state appears with its first edit step: a checkpoint before it has none.
-        revive = _read_filter(d / "revive.safetensors", shapes, fix, mismatch) \
-            if (d / "revive.safetensors").exists() else None
-        return Checkpoint(state=state, weights=weights, monitor=monitor, revive=revive,
+        # A plugin's state appears with its first edit step: a checkpoint before it has none.
+        matrices = {t.name: t.view(weights[t.name]).clone() for t in targets if t.view().ndim == 2}
+        pm = host.pm if host is not None else get_plugin_manager()
+        plugin_state = _read_plugin_states(d, pm, dict(getattr(hp, PLUGIN_CONFIGS_ATTR, None) or {}), matrices,
+                                           fix, mismatch)
+        return Checkpoint(state=state, weights=weights, monitor=monitor, plugin_state=plugin_state,
                           torch_rng=_read_rng(d / "rng.safetensors", fix))
 
     @staticmethod
@@ -713,8 +829,7 @@ class Run:
         with torch.no_grad():
             for t in target_weights(model, hp):
                 t.tensor.copy_(ckpt.weights[t.name])
-        if ckpt.revive is not None:
-            host.state["revive"] = ckpt.revive
+        host.state.update(ckpt.plugin_state)
         host.step = state["host_step"]
         torch.set_rng_state(ckpt.torch_rng)
         random.setstate((3, tuple(state["python_random"]), None))
@@ -728,7 +843,7 @@ class Run:
         """Restore the checkpoint into ``model`` and ``host`` after checking all of it; returns (edits, monitor, state)."""
         from revive_plugin.adapters.easyedit import target_weights
 
-        return self._restore(self._read_checkpoint(target_weights(model, hp)), model, hp, host)
+        return self._restore(self._read_checkpoint(target_weights(model, hp), host, hp), model, hp, host)
 
     def _has_checkpoint(self) -> bool:
         return self.ckpt_dir.exists() or (self.run_dir / CHECKPOINT_OLD).exists()
@@ -758,7 +873,7 @@ class Run:
         """Restore the checkpoint into the freshly loaded ``model``; drop the rows measured after it."""
         from revive_plugin.adapters.easyedit import target_weights
 
-        ckpt = self._read_checkpoint(target_weights(model, hp))
+        ckpt = self._read_checkpoint(target_weights(model, hp), host, hp)
         self._complete_pre_locality(ckpt.state, model, tok, cases)
         done, monitor, state = self._restore(ckpt, model, hp, host)
         rows = read_rows(metrics_path)

@@ -43,6 +43,14 @@ delta unchanged). The order is
 The step hooks, too, are called one plugin at a time (pluggy's call order), so that an error names its
 plugin. Hook wrappers (``hookwrapper=True``/``wrapper=True``) are not supported on any of these hooks.
 
+Checkpoints
+-----------
+A plugin's per-model state (``context.state[name]``: REVIVE's cached W₀ bases, PRUNE's W₀, …) lives only in
+memory. A driver that checkpoints a session (``revive eval`` does, at every evaluation) asks each plugin for
+it through ``easyedit_state_save`` and hands it back through ``easyedit_state_load`` on resume, so a resumed
+run continues with the state an uninterrupted one would have. A plugin that keeps state across edit steps
+and implements neither hook is resumed without it (it starts over as if it had never run).
+
 Isolation and failures
 ----------------------
 The host's snapshot of W_before is its own: no hook ever receives it. ``easyedit_transform_delta`` gets
@@ -157,4 +165,53 @@ def easyedit_edit_step_end(
     :return: metrics to log for this step, e.g. ``{"revive/model.layers.4.mlp.down_proj.weight/k": 12}``,
         or None. The host merges the dicts of all plugins.
     :raises: anything: the step is refused (``EditRejected`` naming the plugin) and every weight restored.
+    """
+
+
+#: Metadata key the checkpoint writer reserves in a plugin's state file (the plugin's name).
+STATE_PLUGIN_KEY = "easyedit.plugin"
+
+
+@hookspec
+def easyedit_state_save(name: str, state: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+    """This plugin's per-model state, for a checkpoint (called when the driver saves one, between edit steps).
+
+    Called only on the plugin registered under ``name``. ``revive eval`` writes what it returns to one
+    safetensors file per plugin in the checkpoint (``plugin-<name>.safetensors``; REVIVE's keeps its historical
+    name ``revive.safetensors``), before the checkpoint is marked complete, and hands the same mapping back to
+    ``easyedit_state_load`` on resume.
+
+    :param name: the plugin's name.
+    :param state: the per-model state (``context.state`` of the other hooks, every plugin's keys; read your
+        own, e.g. ``state[name]``). Read-only: do not change it here.
+    :return: None when there is nothing to save (the plugin never ran on this model), else a mapping of
+        string keys to ``torch.Tensor`` (saved as they are: any dtype and shape; the driver copies them to the
+        CPU) or to ``str`` (small settings, e.g. a JSON string; stored as the file's metadata). The key
+        ``"easyedit.plugin"`` is reserved.
+    """
+
+
+@hookspec
+def easyedit_state_load(
+    name: str,
+    state: dict[str, Any],
+    tensors: Mapping[str, Any],
+    config: Any,
+    weights: Mapping[str, torch.Tensor],
+) -> None:
+    """Restore this plugin's per-model state from what ``easyedit_state_save`` returned (on resume).
+
+    Called only on the plugin registered under ``name``, before anything of the checkpoint is applied: a
+    ``ValueError`` refuses the whole checkpoint (the driver names the file) and leaves the model untouched.
+
+    :param name: the plugin's name.
+    :param state: the per-model state to restore into: set your own key(s), e.g. ``state[name] = ...``; the
+        driver merges it into the model's ``context.state`` once every file of the checkpoint was read.
+    :param tensors: what ``easyedit_state_save`` returned (tensors on the CPU, strings as saved). A file
+        written before this plugin saved through these hooks may lack keys: say what is missing.
+    :param config: the plugin's block of the session being resumed (as ``easyedit_validate_config`` returned
+        it), or None when the block is absent.
+    :param weights: the weights the checkpoint restores, by parameter name, out×in, read-only: check that
+        the state fits them (shapes, names) and raise ``ValueError`` naming what does not.
+    :raises ValueError: the tensors are not a state of this plugin, or not for these weights.
     """

@@ -25,7 +25,11 @@ from .hookspecs import ENTRY_POINT_GROUP, PROJECT_NAME, EditContext
 
 #: Built-in plugins: registered like third-party ones, under these names, unless already found through
 #: the entry-point group (the installed package declares the same modules there).
-DEFAULT_PLUGINS: dict[str, str] = {"revive": "revive_plugin.plugins.revive"}
+DEFAULT_PLUGINS: dict[str, str] = {
+    "revive": "revive_plugin.plugins.revive",
+    "rect": "revive_plugin.plugins.rect",    # baselines: pure ΔW transforms that stack with REVIVE
+    "prune": "revive_plugin.plugins.prune",
+}
 
 #: Comma-separated plugin names: only these load (empty: none). Unset: every discovered plugin loads.
 PLUGINS_ENV = "EASYEDIT_PLUGINS"
