@@ -52,6 +52,12 @@ EDITING_PANELS: list[list[Panel]] = [
      ("Specificity magnitude", ("specificity_magnitude",))],
     [("Fluency (n-gram entropy)", ("fluency",))],
 ]
+#: The one-figure answer (headline.png): do edits still land, and is the model still alive?
+HEADLINE_PANELS: list[list[Panel]] = [
+    [("Efficacy of the batch just edited", ("last_batch_efficacy_score", "last_batch_efficacy")),
+     ("Efficacy of edited facts (sample)", ("efficacy_score", "efficacy")),
+     ("Perplexity / pre-edit perplexity", ("ppl_rel",))],
+]
 SPECTRAL_PANELS: list[list[Panel]] = [
     [("Subspace overlap LS (mean)", ("ls_mean",)),
      ("Singular-vector similarity SS (mean)", ("ss_mean",)),
@@ -243,6 +249,7 @@ def _figures(series: dict[str, list[Row]], ratios: dict[str, float], out_dir: Pa
     # Horizontal reference lines: the rules' thresholds, where a panel shows the quantity they test.
     refs = {"ppl_rel": sorted(set(ratios.values())), "sigma_max_growth_max": [DEFAULT_SIGMA_MAX_RATIO]}
     rule = "collapse point (ppl ≥ " + " or ".join(f"{r:g}" for r in refs["ppl_rel"]) + " × pre-edit)"
+    _grid(series, HEADLINE_PANELS, refs, rule, out_dir / "headline.png", "Do edits land, and does the model survive?")
     _grid(series, EDITING_PANELS, refs, rule, out_dir / "editing.png", "Editing metrics")
     _grid(series, _general_panels(all_rows), refs, rule, out_dir / "glue.png",
           "General ability: perplexity and GLUE probes")

@@ -259,10 +259,10 @@ def test_unknown_top_level_keys_name_themselves_and_the_plugins(tmp_path, enable
 
 
 def test_plugin_order_naming_an_unknown_plugin_fails_at_load(tmp_path, enabled, tiny_model_dir):
-    with pytest.raises(ValueError, match=r"edit_plugins\.order names \['rect'\], which are not installed.*"
+    with pytest.raises(ValueError, match=r"edit_plugins\.order names \['nope'\], which are not installed.*"
                                          r"installed plugins: \[.*'revive'"):
         load("MEMIT", write_hparams(tmp_path, MEMIT, tiny_model_dir, revive={},
-                                    edit_plugins={"order": ["rect", "revive"]}))
+                                    edit_plugins={"order": ["nope", "revive"]}))
 
 
 def test_blocks_of_an_excluded_plugin_are_dropped_with_a_warning(tmp_path, tiny_model_dir, monkeypatch):

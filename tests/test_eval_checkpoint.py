@@ -261,14 +261,14 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_resume_complete
         monkeypatch.setattr(harness, "_rename", rename)
     else:
         saves = []
-        original = harness.ReviveFilter.save
+        original = harness._write_plugin_states
 
-        def save(self, path):
-            saves.append(path)
-            if len(saves) == 3:  # monitor at 0, monitor at 2, then REVIVE's state at 2
+        def save(directory, host):
+            saves.append(directory)
+            if len(saves) == 2:  # the plugins' states at 0, then at 2: killed while writing the new files
                 raise Killed
-            original(self, path)
-        monkeypatch.setattr(harness.ReviveFilter, "save", save)
+            return original(directory, host)
+        monkeypatch.setattr(harness, "_write_plugin_states", save)
     with pytest.raises(Killed):
         run.execute()
     monkeypatch.undo()
