@@ -3,7 +3,7 @@
 Each figure's measured result goes to ``docs/benchmarks/<figure>.json``; ``docs/benchmarks.md`` is rebuilt
 from all the result files present, so figures can be re-measured one at a time (``--only``).
 
-    python benchmarks/run_all.py [--only overhead,filter,eval,memory,edits] [--quick]
+    python benchmarks/run_all.py [--only overhead,filter,eval,memory,edits,study] [--quick]
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import edit_throughput
 import eval_throughput
 import filter_cost
 import long_run_memory
+import study_time
 from common import ROOT, machine
 
 OUT = ROOT / "docs" / "benchmarks"
@@ -32,6 +33,7 @@ FIGURES = {
     "eval": ("3. Evaluation throughput", eval_throughput, {"records": 10}),
     "memory": ("4. Memory over a long run", long_run_memory, {"edits": 40, "every": 20, "batch": 20}),
     "edits": ("5. Edit throughput: batched z optimisation", edit_throughput, {"requests": 4, "batch": 4, "z_steps": 4}),
+    "study": ("6. Time of a 2,000-edit MEMIT run of the length study", study_time, {}),
 }
 
 

@@ -965,8 +965,11 @@ class Run:
                "live_tensors": n_tensors, "live_tensor_mb": round(tensor_mb, 1),
                "edit_seconds": round(host.seconds["edit"] - clock["host"]["edit"], 3),
                "filter_seconds": round(host.seconds["transform"] - clock["host"]["transform"], 3),
-               "eval_seconds": round(clock["eval"], 3)}
+               "eval_seconds": round(clock["eval"], 3),
+               # the edits whose editor/filter seconds this row holds (a resumed process starts its own count)
+               "edits_timed": done - clock.get("edits_at", 0)}
         clock["host"] = dict(host.seconds)
+        clock["edits_at"] = done
         clock["resettable"] = reset_window_peak()
         with (self.run_dir / "resources.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -1024,6 +1027,7 @@ class Run:
         clock = {"host": dict(host.seconds), "eval": 0.0}
         if self.ckpt_dir.exists():
             done, monitor, state = self._resume_from_checkpoint(model, tok, hp, host, cases, metrics_path)
+            clock["edits_at"] = done
         else:
             done = 0
             began = time.perf_counter()

@@ -5,7 +5,8 @@ each a run config plus ``--set`` overrides — and groups of runs to compare::
 
     name: length
     output: docs/results/length
-    parallel: 2                     # runs at once; each gets cores // parallel torch threads
+    parallel: 1                     # runs at once; each gets cores // parallel torch threads
+    stages: [500, 1000, 2000]       # optional: take every run to 500 edits, then every run to 1000, …
     data_root: ../shared/data       # {data_root} in any override is replaced by this (or --data-root)
     runs:
       memit:        {config: smollm2-memit, set: [edits=2000, "data={data_root}/counterfact/counterfact.json.gz"]}
@@ -15,7 +16,10 @@ each a run config plus ``--set`` overrides — and groups of runs to compare::
 
 ``revive study FILE`` starts each run that has no directory yet, resumes each that has a checkpoint short of
 its edits (``--resume``, with ``--edits`` when the study now asks more), skips finished ones, and writes each
-comparison group whose runs all have results to ``OUTPUT/compare-<group>/``. Every run is its own process
+comparison group whose runs all have results to ``OUTPUT/compare-<group>/``. With ``stages`` the runs advance
+together: each run pauses at each stage (``revive eval --stop-after``) until every run has reached it, so
+partial results stay comparable — useful where two runs at once are slower than one after the other (on a
+2-core machine two single-threaded runs each ran 3.4× slower than one run with both threads). Every run is its own process
 (its log in ``RUN_DIR/eval.log``); SIGTERM or Ctrl-C to the study is passed on to the runs, which roll back
 their unfinished edit step and save a checkpoint, so the next ``revive study FILE`` picks up where this one
 stopped.
@@ -70,19 +74,20 @@ class StudyRun:
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         return bool(rows) and rows[-1]["edits"] >= (want or target)
 
-    def command(self) -> list[str]:
-        """The `revive eval` command that starts or continues this run."""
+    def command(self, stop_after: Optional[int] = None) -> list[str]:
+        """The `revive eval` command that starts or continues this run (pausing after ``stop_after`` edits)."""
+        pause = ["--stop-after", str(stop_after)] if stop_after else []
         base = [sys.executable, "-m", "revive_plugin.cli", "eval"]
         if (self.run_dir / "checkpoint").exists() or (self.run_dir / "checkpoint.old").exists():
             cmd = base + ["--resume", str(self.run_dir)]
             if self.target_edits:
                 cmd += ["--edits", str(self.target_edits)]
-            return cmd
+            return cmd + pause
         # No --overwrite: `revive eval` refuses a directory that holds results, and the study says so.
         cmd = base + [self.config, "--output", str(self.run_dir), "--set", f"name={self.name}"]
         for item in self.overrides:
             cmd += ["--set", item]
-        return cmd
+        return cmd + pause
 
 
 @dataclass
@@ -92,6 +97,7 @@ class Study:
     name: str
     output: Path
     parallel: int
+    stages: list[int]
     runs: dict[str, StudyRun]
     compare: dict[str, list[str]]
 
@@ -108,10 +114,14 @@ class Study:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"study file {p} is not valid YAML: {e}") from e
-        unknown = sorted(set(data) - {"name", "output", "parallel", "data_root", "runs", "compare"})
+        unknown = sorted(set(data) - {"name", "output", "parallel", "stages", "data_root", "runs", "compare"})
         if unknown:
-            raise ValueError(f"{p}: unknown study setting(s) {unknown}; allowed: name, output, parallel, data_root, "
-                             "runs, compare")
+            raise ValueError(f"{p}: unknown study setting(s) {unknown}; allowed: name, output, parallel, stages, "
+                             "data_root, runs, compare")
+        stages = data.get("stages") or []
+        if not isinstance(stages, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in stages) \
+                or stages != sorted(set(stages)):
+            raise ValueError(f"{p}: stages must be an increasing list of edit counts (e.g. [500, 1000]), got {stages!r}")
         runs_data = data.get("runs")
         if not isinstance(runs_data, dict) or not runs_data:
             raise ValueError(f"{p}: 'runs' must map run names to {{config: NAME, set: [KEY=VALUE, ...]}}")
@@ -131,7 +141,7 @@ class Study:
             missing = [m for m in members if m not in runs]
             if missing:
                 raise ValueError(f"{p}: compare group {group!r} names unknown run(s) {missing}; runs: {sorted(runs)}")
-        return cls(data.get("name", p.stem), out, parallel, runs, groups)
+        return cls(data.get("name", p.stem), out, parallel, stages, runs, groups)
 
     def status(self) -> str:
         lines = []
@@ -157,47 +167,71 @@ def _threads(parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // parallel)
 
 
+def _tasks(study: Study, runs: Sequence[StudyRun]) -> list[tuple[StudyRun, Optional[int]]]:
+    """(run, pause point) in order: every run to each stage in turn, then every run to its end."""
+    tasks: list[tuple[StudyRun, Optional[int]]] = []
+    for stage in study.stages:
+        tasks += [(r, stage) for r in runs if stage < (r.target_edits or r.progress()[1] or stage + 1)]
+    return tasks + [(r, None) for r in runs]
+
+
+def _reached(run: StudyRun, stage: Optional[int]) -> bool:
+    if stage is None:
+        return run.finished()
+    metrics = run.run_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    return run.progress()[0] >= stage and any(r["edits"] >= stage for r in rows)
+
+
 def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 2.0) -> int:
     """Run (or continue) the study's unfinished runs, ``study.parallel`` at a time; 0 when all finished."""
     selected = [study.runs[n] for n in (only or study.runs)]
-    pending = [r for r in selected if not r.finished()]
-    print(f"[study] {study.name}: {len(selected) - len(pending)} of {len(selected)} runs finished")
+    pending = [(r, stage) for r, stage in _tasks(study, selected) if not _reached(r, stage)]
+    print(f"[study] {study.name}: {sum(r.finished() for r in selected)} of {len(selected)} runs finished")
     print(study.status(), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(_threads(study.parallel)), "PYTHONUNBUFFERED": "1"}
-    running: dict[str, tuple[subprocess.Popen, Any]] = {}
+    running: dict[str, tuple[subprocess.Popen, Any, Optional[int]]] = {}
     failed: list[str] = []
     stopping = False
 
     def stop(signum: int, frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        for proc, _ in running.values():
+        for proc, _, _ in running.values():
             proc.send_signal(signal.SIGTERM)  # each run saves a checkpoint and exits
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while pending or running:
-            while pending and len(running) < study.parallel and not stopping:
-                r = pending.pop(0)
+            while not stopping and len(running) < study.parallel:
+                # The next task whose run is idle; a run's later stage waits for its earlier one.
+                ready = next((t for t in pending if t[0].name not in running and t[0].name not in failed), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                r, stage = ready
+                if _reached(r, stage):
+                    continue
                 r.run_dir.mkdir(parents=True, exist_ok=True)
                 log = (r.run_dir / "eval.log").open("a")
-                cmd = r.command()
+                cmd = r.command(stop_after=stage)
                 log.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
                 log.flush()
                 print(f"[study] {r.name}: {' '.join(cmd[2:])} (log {r.run_dir / 'eval.log'})", flush=True)
                 running[r.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                    cwd=Path.cwd()), log)
-            if stopping and not running:
+                                                    cwd=Path.cwd()), log, stage)
+            if (stopping or not any(t[0].name not in failed for t in pending)) and not running:
                 break
             time.sleep(poll_seconds if not stopping else 1.0)
             for name in list(running):
-                proc, log = running[name]
+                proc, log, stage = running[name]
                 if proc.poll() is None:
                     continue
                 log.close()
                 del running[name]
-                ok = proc.returncode == 0 and study.runs[name].finished()
-                print(f"[study] {name}: {'finished' if ok else f'stopped (exit {proc.returncode})'}", flush=True)
+                ok = proc.returncode == 0 and _reached(study.runs[name], stage)
+                where = "finished" if stage is None else f"reached {stage} edits"
+                print(f"[study] {name}: {where if ok else f'stopped (exit {proc.returncode})'}", flush=True)
                 if not ok and not stopping:
                     failed.append(name)
                 study.write_comparisons()

@@ -156,10 +156,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 overrides.append(f"{key}={value}")
         config = RunConfig.from_yaml(args.config, overrides)
         run = Run.start(config, output=args.output, overwrite=args.overwrite)
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be a positive number of edits, got {args.stop_after}")
     try:
-        out = run.execute()
+        out = run.execute(stop_after=args.stop_after)
     except KeyboardInterrupt:
         return 130
+    if args.stop_after is not None and args.stop_after < run.config.edits:
+        print(f"paused at {args.stop_after} of {run.config.edits} edits; continue with: revive eval --resume {out}")
     print(f"results: {out}/summary.md, {out}/metrics.jsonl, {out}/*.png")
     return 0
 
@@ -372,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="FILE", help="dataset file (formats below; default: the shipped sample)")
     p.add_argument("--seed", type=int, help="seed of the record order, evaluation samples and editing RNGs (default 0)")
     p.add_argument("--output", metavar="RUN_DIR", help="run directory (default: the config's output, runs/{name})")
+    p.add_argument("--stop-after", dest="stop_after", type=int, metavar="N",
+                   help="pause after N edits (checkpoint, and its evaluation if N is on the schedule); "
+                        "--resume continues")
     p.add_argument("--overwrite", action="store_true",
                    help="DELETE an existing run directory (its checkpoint and results) and start again")
     p.set_defaults(func=cmd_eval)

@@ -27,8 +27,8 @@ def study_file(tmp_path, tiny_model_dir, monkeypatch):
     (tmp_path / "filtered.yaml").write_text(yaml.safe_dump({"name": "filtered", "transforms": ["revive"],
                                                             "revive": {"tau": 0.3}, **base}))
 
-    def write(edits=4, parallel=2):
-        spec = {"name": "tiny", "output": str(tmp_path / "study"), "parallel": parallel,
+    def write(edits=4, parallel=2, stages=()):
+        spec = {"name": "tiny", "output": str(tmp_path / "study"), "parallel": parallel, "stages": list(stages),
                 "runs": {"a": {"config": str(tmp_path / "plain.yaml"), "set": [f"edits={edits}"]},
                          "b": {"config": str(tmp_path / "filtered.yaml"), "set": [f"edits={edits}"]}},
                 "compare": {"ab": ["a", "b"]}}
@@ -80,3 +80,16 @@ def test_sigterm_stops_the_runs_with_checkpoints_and_the_next_call_finishes(stud
     assert run_study(study, poll_seconds=0.2) == 0
     assert [r["edits"] for r in rows(tmp_path / "study" / "a")] == [0, 2, 4]
     assert study.runs["b"].finished()
+
+
+def test_stages_advance_the_runs_together(study_file, tmp_path, capsys):
+    study = Study.load(study_file(parallel=1, stages=[2]))
+    assert run_study(study, poll_seconds=0.2) == 0
+    events = [line for line in capsys.readouterr().out.splitlines()
+              if line.startswith(("[study] a: ", "[study] b: ")) and ("reached" in line or "finished" in line)]
+    assert events == ["[study] a: reached 2 edits", "[study] b: reached 2 edits", "[study] a: finished",
+                      "[study] b: finished"]
+    # Pausing at a stage changes nothing: the rows are those of an uninterrupted schedule.
+    assert [r["edits"] for r in rows(study.runs["a"].run_dir)] == [0, 2, 4]
+    with pytest.raises(ValueError, match="stages must be an increasing list"):
+        Study.load(study_file(stages=[3, 2]))
