@@ -13,7 +13,7 @@ same order does not meet them before its last ``records`` edits.
 Target vectors do not depend on the solve's settings (λ = ``mom2_update_weight``, the covariance sample
 count) nor on the plugin chain: with the batched z path, points that share the z settings reuse the first
 point's vectors (kept in ``$REVIVE_CACHE/zs`` for later calibrations of the same batch), so a λ sweep costs
-one z optimisation. Grid keys ``run.<setting>`` vary the run config (``run.transforms=[[], [revive]]``). Writes ``calibration.jsonl`` (one row per point, with the settings) and
+one z optimisation (also ``calibration.png``: each measure against the grid's first setting). Grid keys ``run.<setting>`` vary the run config (``run.transforms=[[], [revive]]``). Writes ``calibration.jsonl`` (one row per point, with the settings) and
 ``calibration.md``.
 """
 from __future__ import annotations
@@ -169,6 +169,7 @@ def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, outpu
             with torch.no_grad():
                 model.load_state_dict(original)
     write_table(rows, config, records, output, command)
+    plot(rows, output / "calibration.png", f"Calibration of {config.name} on {records} held-out records")
     return rows
 
 
@@ -187,3 +188,67 @@ def write_table(rows: list[dict[str, Any]], config: RunConfig, records: int, out
         cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
         lines.append(f"| {point} | " + " | ".join(cells) + " |")
     (output / "calibration.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Optional[Path]:
+    """``calibration.png``: each measure against the grid's first setting, one line per value of the others.
+
+    The grid's first key is the x axis (log scale when its values span more than 10×); points that share the
+    other keys' values form one line, labelled by them. Nothing is drawn for a grid with a single point.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if isinstance(r["point"], dict)]
+    if len(points) < 2:
+        return None
+    first = next(iter(points[0]["point"]))
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for r in points:
+        rest = {k: v for k, v in r["point"].items() if k != first}
+        label = ", ".join(f"{k.removeprefix('run.')}={v}" for k, v in rest.items()) or "all"
+        lines.setdefault(label, []).append(r)
+    base = next((r for r in rows if r["point"] == "unedited"), None)
+    measures = [k for k in ("efficacy_score", "generalization_score", "specificity_score", "efficacy",
+                            "generalization", "specificity", "ppl_rel") if k in points[0]]
+    xs = [r["point"][first] for r in points]
+    log = all(isinstance(x, (int, float)) and x > 0 for x in xs) and max(xs) > 10 * min(xs)
+    with plt.rc_context({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}):
+        ncols = min(3, len(measures))
+        nrows = -(-len(measures) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(5 * ncols, 3.6 * nrows + 0.6),
+                                 layout="constrained")
+        for ax, key in zip(axes.flat, measures):
+            for i, (label, rs) in enumerate(lines.items()):
+                rs = sorted(rs, key=lambda r: r["point"][first])
+                ax.plot([r["point"][first] for r in rs], [r[key] for r in rs], marker="os^D"[i % 4],
+                        label=label, linewidth=2)
+            if base is not None and key in base:
+                ax.axhline(base[key], color="0.4", linestyle=":", label="unedited")
+            if log:
+                ax.set_xscale("log")
+            ax.set_title(key.replace("_score", "").replace("ppl_rel", "perplexity / unedited").replace("_", " "))
+            ax.set_xlabel(first)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(measures):]:
+            ax.set_visible(False)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), frameon=False)
+        fig.suptitle(title, fontsize=13)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return path
+
+
+def report(output: Path) -> Path:
+    """Rebuild ``calibration.png`` from a finished calibration's ``calibration.jsonl`` (the table stays as written)."""
+    path = output / "calibration.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {output} a calibration folder?")
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    made = plot(rows, output / "calibration.png", f"Calibration on one held-out batch ({output.name})")
+    if made is None:
+        raise ValueError(f"{path} has fewer than two grid points: nothing to plot")
+    return made

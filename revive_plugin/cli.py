@@ -176,6 +176,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .eval.harness import RunConfig
 
     overrides = list(args.set or [])
+    if args.report:
+        from .eval.calibrate import report
+
+        print(f"wrote {report(Path(args.report))}")
+        return 0
+    if not args.config:
+        raise ValueError("give a run config (e.g. smollm2-memit), or --report DIR to redraw a calibration's figure")
     if args.data:
         overrides.append(f"data={args.data}")
     config = RunConfig.from_yaml(args.config, overrides)
@@ -390,7 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "  revive calibrate smollm2-memit --data ../shared/data/counterfact/counterfact.json.gz "
                 "--set order=seeded \\\n"
                 "      --grid 'mom2_update_weight=[15000,1500]' --grid 'run.transforms=[[],[revive]]'")
-    p.add_argument("config", help="run config YAML (path or name in eval/configs): hparams, batched_z, dataset, seed")
+    p.add_argument("config", nargs="?",
+                   help="run config YAML (path or name in eval/configs): hparams, batched_z, dataset, seed")
+    p.add_argument("--report", metavar="DIR",
+                   help="only redraw DIR/calibration.png from a finished calibration's calibration.jsonl")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2]",
                    help="hparams values to try (e.g. mom2_update_weight=[15000,1500]; run.KEY for run settings); "
                         "several --grid make a product")

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from revive_plugin.adapters import batched_z, easyedit
-from revive_plugin.eval.calibrate import calibrate, heldout_cases, parse_grid
+from revive_plugin.eval.calibrate import calibrate, heldout_cases, parse_grid, report
 from revive_plugin.eval.datasets import load_counterfact
 from revive_plugin.eval.harness import RunConfig, ordered_cases
 
@@ -64,5 +64,12 @@ def test_grid_points_share_one_z_optimisation_and_start_from_the_unedited_model(
     assert rows[1]["ppl"] != rows[0]["ppl"]
     lines = [json.loads(x) for x in (out / "calibration.jsonl").read_text().splitlines()]
     assert lines[-1]["point"] == {"mom2_update_weight": 1, "run.transforms": ["revive"]}
+    png = (out / "calibration.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and width <= 1600 and height < 1200  # a grid, readable at 100%
+    (out / "calibration.png").unlink()
+    assert report(out) == out / "calibration.png" and (out / "calibration.png").exists()
+    with pytest.raises(ValueError, match="fewer than two grid points"):
+        report(tmp_path / "again")
     table = (out / "calibration.md").read_text()
     assert "mom2_update_weight=1, run.transforms=['revive']" in table and "revive calibrate test" in table
