@@ -63,7 +63,7 @@ def report(r: dict) -> str:
                      ", ".join(f"{e:.0f}" for e in x["eval_seconds"]),
                      round(x["projected_hours"], 2) if x["projected_hours"] is not None else "(needs a post-edit checkpoint)"])
     lines = [f"Length-study MEMIT runs (batch 100, 15 z steps, batched z): time for {r['target']} edits",
-             markdown_table(["run", "edits so far", "editor s", "REVIVE s", "s / edit", "eval s per checkpoint",
+             markdown_table(["run", "edits so far", "editor s", "plugins s", "s / edit", "eval s per checkpoint",
                              f"projected h for {r['target']}"], body)]
     done = [x for x in r["runs"] if x.get("projected_hours") is not None]
     if done:
