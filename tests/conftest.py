@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random LLaMA saved as a local model directory (no downloads)."""
 import pytest
+import torch
 
 from revive_plugin.eval.testing import tiny_llama, tiny_tokenizer
 
@@ -12,3 +13,15 @@ def tiny_model_dir(tmp_path_factory):
     tiny_llama(vocab_size=len(tok), seed=0).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model gains nothing from threads, and on a busy 2-core box they make it 10x slower.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

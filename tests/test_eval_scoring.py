@@ -20,13 +20,7 @@ PROMPTS = [
 CONTS = ["French", "Paris and Rome", "positive", "Windows", " True"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a busy 2-core box they make it 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["bos", "nobos"])
