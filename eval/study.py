@@ -38,6 +38,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from .harness import read_rows
+
 
 STUDY_DIR = Path(__file__).resolve().parent / "studies"
 
@@ -65,14 +67,14 @@ class StudyRun:
         target = yaml.safe_load(config.read_text()).get("edits") if config.exists() else None
         return done, target
 
+    def reached(self, edits: int) -> bool:
+        """Whether the run has a checkpoint and an evaluated row at ``edits`` or beyond."""
+        rows = read_rows(self.run_dir / "metrics.jsonl")
+        return self.progress()[0] >= edits and any(r["edits"] >= edits for r in rows)
+
     def finished(self) -> bool:
-        done, target = self.progress()
-        want = self.target_edits or target
-        metrics = self.run_dir / "metrics.jsonl"
-        if target is None or done < (want or 0) or not metrics.exists():
-            return False
-        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-        return bool(rows) and rows[-1]["edits"] >= (want or target)
+        _, target = self.progress()
+        return target is not None and self.reached(self.target_edits or target)
 
     def command(self, stop_after: Optional[int] = None) -> list[str]:
         """The `revive eval` command that starts or continues this run (pausing after ``stop_after`` edits)."""
@@ -176,11 +178,7 @@ def _tasks(study: Study, runs: Sequence[StudyRun]) -> list[tuple[StudyRun, Optio
 
 
 def _reached(run: StudyRun, stage: Optional[int]) -> bool:
-    if stage is None:
-        return run.finished()
-    metrics = run.run_dir / "metrics.jsonl"
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
-    return run.progress()[0] >= stage and any(r["edits"] >= stage for r in rows)
+    return run.finished() if stage is None else run.reached(stage)
 
 
 def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 2.0) -> int:
