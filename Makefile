@@ -10,8 +10,14 @@ install:
 demo: install
 	$(VENV)/bin/revive demo
 
+# EasyEdit's GitHub tree (unpacked by the install from ../shared/vendor) is a second `easyeditor`: its tests run in
+# a pytest session of their own, with EASYEDIT_SOURCE naming it.
 test: install
 	$(PY) -m pytest -q
+	@tree=$$(ls -d $(VENV)/src/EasyEdit-* 2>/dev/null | tail -n 1); \
+	if [ -n "$$tree" ]; then echo "EASYEDIT_SOURCE=$$tree $(PY) -m pytest -q tests/tree"; \
+	  EASYEDIT_SOURCE="$$(cd "$$tree" && pwd)" $(PY) -m pytest -q tests/tree; \
+	else echo "tests/tree skipped: no EasyEdit tree (../shared/vendor/EasyEdit-*.tar.gz) unpacked into $(VENV)/src"; fi
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -121,7 +121,7 @@ def run_demo(edits: int = 3, grad_steps: Optional[int] = None, tau: float = 0.1,
     from .compat import import_easyeditor
     from revive_plugin.spectral import protected_basis
 
-    from .easyedit import BATCHED_Z_BLOCK, PLUGIN_CONFIGS_ATTR, batched_z_options, enable_easyedit
+    from .easyedit import BATCHED_Z_BLOCK, PLUGIN_CONFIGS_ATTR, batched_z_options, enable_easyedit, sequential_edit_kwargs
 
     enable_easyedit()
     logging.getLogger("easyeditor").setLevel(logging.WARNING)
@@ -154,7 +154,7 @@ def run_demo(edits: int = 3, grad_steps: Optional[int] = None, tau: float = 0.1,
             # easyeditor prints every optimisation step; keep the demo's screen readable.
             with contextlib.redirect_stdout(io.StringIO()):
                 editor.edit(prompts=[prompt], target_new=[new], ground_truth=[true], subject=[subject],
-                            keep_original_weight=False, verbose=False)
+                            verbose=False, **sequential_edit_kwargs(editor))
         elapsed = time.time() - start
         after = _probs(model, tok, cases)
         layers = []

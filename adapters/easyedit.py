@@ -4,7 +4,7 @@ After ``enable_easyedit()``, a user's unchanged code
 
     hparams = MEMITHyperParams.from_hparams("hparams/MEMIT/smollm2-135m.yaml")   # with a `revive:` block
     editor = BaseEditor.from_hparams(hparams)
-    editor.edit(prompts=..., target_new=..., subject=..., keep_original_weight=False)
+    editor.edit(prompts=..., target_new=..., subject=..., keep_original_weight=False)  # sequential_edit=True in the tree
 
 applies REVIVE to each edit step. How: each ALG_DICT entry (the editors' apply functions) is wrapped so that
 the plugin host snapshots the target weights, runs the editor, takes ΔW = W_after − W_before per parameter,
@@ -22,6 +22,8 @@ import copy as copy_module
 import dataclasses
 import difflib
 import functools
+import hashlib
+import inspect
 import os
 import tempfile
 import warnings
@@ -44,6 +46,7 @@ from revive_plugin.host import (
 )
 
 from . import compat
+from .editors import hparams_classes, passes_through
 from .models import load_model
 
 #: Attribute of an EasyEdit hparams object holding the popped plugin blocks.
@@ -52,21 +55,11 @@ PLUGIN_CONFIGS_ATTR = "plugin_configs"
 HOST_BLOCK = "edit_plugins"
 #: YAML block switching MEMIT's z optimisation to the batched path: ``batched_z: true`` or ``{chunk: 16}``.
 BATCHED_Z_BLOCK = "batched_z"
-#: Editors whose edits are not weight writes: plugins have nothing to filter.
-NON_WEIGHT_EDITORS = ("IKE", "SERAC", "FT-Api")
+#: Editors whose key lookups assume right padding: the tree's BaseEditor list, plus PMET (its lookups index right-padded
+#: batches too; left-padded, they read padding: NaN updates on the tiny LLaMA).
+RIGHT_PADDED = ("ROME", "MEMIT", "EMMET", "EAMET", "R-ROME", "AlphaEdit", "CORE", "SPHERE", "PMET")
 #: Model names easyeditor's own loader handles (seq2seq, API and remote-code models).
 EASYEDIT_LOADED = ("t5", "gpt-3.5", "chatglm", "internlm", "baichuan")
-#: Hparams classes whose from_hparams reads YAML.
-HPARAMS_MODULES = {
-    "ROME": "easyeditor.models.rome.rome_hparams:ROMEHyperParams",
-    "MEMIT": "easyeditor.models.memit.memit_hparams:MEMITHyperParams",
-    "FT": "easyeditor.models.ft.ft_hparams:FTHyperParams",
-    "KN": "easyeditor.models.kn.kn_hparams:KNHyperParams",
-    "MEND": "easyeditor.models.mend.mend_hparams:MENDHyperParams",
-    "SERAC": "easyeditor.models.serac.serac_hparams:SERACHparams",
-    "IKE": "easyeditor.models.ike.ike_hparams:IKEHyperParams",
-    "LoRA": "easyeditor.models.lora.lora_hparams:LoRAHyperParams",
-}
 
 
 class _Integration:
@@ -82,6 +75,8 @@ class _Integration:
         self.hosts: "weakref.WeakKeyDictionary[torch.nn.Module, PluginHost]" = weakref.WeakKeyDictionary()
         self.stats_filled: dict[tuple, tuple] = {}
         self.primed: set[str] = set()  # easyeditor modules whose context templates we sampled
+        self.projectors: set[tuple] = set()  # (module, model, layers, threshold) whose P / cache_c we set
+        self.primed_projectors: set[str] = set()  # modules whose P / cache_c are ours
 
 
 _STATE = _Integration()
@@ -118,14 +113,23 @@ def plugin_block_names() -> set[str]:
     return set(_loaded(_plugin_manager())) | set(installed_plugins()) | set(HOST_BLOCKS)
 
 
+def rewrite_templates(settings: Any) -> list[str]:
+    """The module templates an editor writes: ``rewrite_module_tmps`` (PMET) or ``rewrite_module_tmp``."""
+    get = settings.get if isinstance(settings, Mapping) else lambda k: getattr(settings, k, None)
+    many, one = get("rewrite_module_tmps"), get("rewrite_module_tmp")
+    if isinstance(many, (list, tuple)) and many and all(isinstance(t, str) and t for t in many):
+        return list(many)
+    return [one] if isinstance(one, str) and one else []
+
+
 def written_matrices(settings: Mapping[str, Any]) -> Optional[list[str]]:
-    """Names of the weights an editor with these hparams writes (``rewrite_module_tmp`` × ``layers``, as
+    """Names of the weights an editor with these hparams writes (rewrite templates × ``layers``, as
     ``target_weights`` selects them), or None when the hparams do not say."""
-    tmpl, layers = settings.get("rewrite_module_tmp"), settings.get("layers")
-    if not isinstance(tmpl, str) or not tmpl or not isinstance(layers, (list, tuple)) or not layers:
+    templates, layers = rewrite_templates(settings), settings.get("layers")
+    if not templates or not isinstance(layers, (list, tuple)) or not layers:
         return None
     try:
-        return [f"{tmpl.format(layer)}.weight" for layer in layers]
+        return [f"{t.format(layer)}.weight" for t in templates for layer in layers]
     except (IndexError, KeyError, ValueError):
         return None
 
@@ -234,6 +238,7 @@ def attach_plugin_configs(hparams: Any, **blocks: Any) -> Any:
     as if they were in its YAML file."""
     current = dict(getattr(hparams, PLUGIN_CONFIGS_ATTR, {}) or {})
     settings = {"rewrite_module_tmp": getattr(hparams, "rewrite_module_tmp", None),
+                "rewrite_module_tmps": getattr(hparams, "rewrite_module_tmps", None),
                 "layers": getattr(hparams, "layers", None)}
     _, checked = split_plugin_blocks(blocks, source=type(hparams).__name__, fields=(),
                                      editor=getattr(hparams, "alg_name", None), targets=written_matrices(settings))
@@ -275,9 +280,9 @@ def _wrap_from_hparams(cls: type) -> None:
 
 # -- editors: the snapshot-diff step -------------------------------------------------------------------
 def target_weights(model: torch.nn.Module, hparams: Any) -> list[TargetWeight]:
-    """The live parameters an editor may write: those under ``rewrite_module_tmp`` for ``hparams.layers``,
+    """The live parameters an editor may write: those under its rewrite templates for ``hparams.layers``,
     else every parameter. GPT-2 ``Conv1D`` weights are marked transposed (stored in×out)."""
-    tmpl = getattr(hparams, "rewrite_module_tmp", None)
+    templates = rewrite_templates(hparams)
     layers = getattr(hparams, "layers", None)
     owners = {}
     for mod_name, module in model.named_modules():
@@ -285,8 +290,8 @@ def target_weights(model: torch.nn.Module, hparams: Any) -> list[TargetWeight]:
             owners[f"{mod_name}.{p_name}" if mod_name else p_name] = module
     selected = []
     for name, param in model.named_parameters():
-        if tmpl and layers:
-            if not any(f"{tmpl.format(layer)}." in f"{name}" for layer in layers):
+        if templates and layers:
+            if not any(f"{t.format(layer)}." in name for t in templates for layer in layers):
                 continue
         module = owners.get(name)
         transposed = type(module).__name__ == "Conv1D" and name.endswith(".weight")
@@ -309,51 +314,110 @@ def step_records(model: torch.nn.Module) -> list[StepRecord]:
     return list(host.history) if host is not None else []
 
 
-def _prime_context_templates(alg: str, model: Any, tok: Any, hparams: Any, seed: int = 0) -> None:
-    """MEMIT/ROME sample their context templates once per process: sample them under a fixed seed."""
-    if alg not in ("MEMIT", "ROME"):
+def editor_module(apply_fn: Callable[..., Any]) -> Any:
+    """The easyeditor module an apply function (or a bound ``apply_to_model``) lives in."""
+    fn = getattr(apply_fn, "__revive_wrapped__", apply_fn)
+    owner = getattr(fn, "__self__", None)
+    name = type(owner).__module__ if owner is not None and not isinstance(owner, type) else fn.__module__
+    return compat.import_easyeditor(name)
+
+
+def _prime_context_templates(main: Any, model: Any, tok: Any, hparams: Any, seed: int = 0) -> None:
+    """MEMIT-style editors sample their context templates once per process: sample them under a fixed seed."""
+    sample = getattr(main, "get_context_templates", None)
+    if not hasattr(main, "CONTEXT_TEMPLATES_CACHE") or main.CONTEXT_TEMPLATES_CACHE is not None or sample is None:
         return
-    module = {"MEMIT": "easyeditor.models.memit.memit_main", "ROME": "easyeditor.models.rome.rome_main"}[alg]
-    mod = compat.import_easyeditor(module)
-    if mod.CONTEXT_TEMPLATES_CACHE is not None:
-        return
-    _STATE.primed.add(module)
+    params = list(inspect.signature(sample).parameters)
+    if params[:2] != ["model", "tok"] or params[2:] not in ([], ["length_params"]):
+        return  # e.g. CORE's per-request templates: nothing cached per process
+    _STATE.primed.add(main.__name__)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if alg == "MEMIT":
-            mod.get_context_templates(model, tok)
+        if params[2:]:
+            sample(model, tok, hparams.context_template_length_params)
         else:
-            mod.get_context_templates(model, tok, hparams.context_template_length_params)
+            sample(model, tok)
 
 
-def _feed_statistics(alg: str, model: Any, tok: Any, hparams: Any) -> None:
-    """Fill easyeditor's covariance caches from a local corpus (MEMIT: COV_CACHE, ROME: inv_mom2_cache)."""
+def _statistics_cache(main: Any) -> Optional[tuple[dict, bool]]:
+    """(cache, holds inverses) an editor reads its covariance statistics from: ``COV_CACHE`` of MEMIT-style
+    editors (keyed (model, layer), covariances) or ``compute_u.inv_mom2_cache`` of ROME-style ones (inverses)."""
+    if isinstance(getattr(main, "COV_CACHE", None), dict):
+        return main.COV_CACHE, False
+    package = main.__name__.rpartition(".")[0]
+    try:
+        compute_u = compat.import_easyeditor(f"{package}.compute_u")
+    except ImportError:
+        return None
+    cache = getattr(compute_u, "inv_mom2_cache", None)
+    return (cache, True) if isinstance(cache, dict) else None
+
+
+def _feed_statistics(main: Any, model: Any, tok: Any, hparams: Any) -> bool:
+    """Fill an editor's covariance cache from a local corpus (``mom2_dataset`` names one); True if it was fed."""
     from .stats import is_local_corpus, load_corpus, second_moments
 
     dataset = getattr(hparams, "mom2_dataset", None)
-    if alg not in ("MEMIT", "ROME") or not dataset or not is_local_corpus(str(dataset)):
-        return
-    if alg == "ROME" and not getattr(hparams, "mom2_adjustment", False):
-        return
+    target = _statistics_cache(main)
+    if target is None or not dataset or not is_local_corpus(str(dataset)):
+        return False
+    cache, inverse = target
+    if inverse and not getattr(hparams, "mom2_adjustment", False):
+        return False
     model_name = model.config._name_or_path.replace("/", "_")
-    names = [hparams.rewrite_module_tmp.format(layer) for layer in hparams.layers]
+    names = [t.format(layer) for t in rewrite_templates(hparams) for layer in hparams.layers]
     spec = (str(dataset), int(hparams.mom2_n_samples), str(hparams.mom2_dtype))
-    if all(_STATE.stats_filled.get((alg, model_name, n)) == spec for n in names):
-        return
+    if all(_STATE.stats_filled.get((main.__name__, model_name, n)) == spec for n in names):
+        return True
     corpus = load_corpus(str(dataset))
     moments = second_moments(model, tok, names, corpus, n_samples=int(hparams.mom2_n_samples),
                              dtype=str(hparams.mom2_dtype), model_id=model_name)
-    if alg == "MEMIT":
-        cache = compat.import_easyeditor("easyeditor.models.memit.memit_main").COV_CACHE
-        for n in names:
-            cache[(model_name, n)] = moments[n].float().cpu()
-    else:
-        cache = compat.import_easyeditor("easyeditor.models.rome.compute_u").inv_mom2_cache
-        device = next(model.parameters()).device
-        for n in names:
-            cache[(model_name, n)] = torch.inverse(moments[n].to(device)).float()
+    device = next(model.parameters()).device
     for n in names:
-        _STATE.stats_filled[(alg, model_name, n)] = spec
+        cache[(model_name, n)] = (torch.inverse(moments[n].to(device)).float() if inverse
+                                  else moments[n].float().cpu())
+        _STATE.stats_filled[(main.__name__, model_name, n)] = spec
+    return True
+
+
+def _prepare_null_space(main: Any, model: Any, tok: Any, hparams: Any) -> Optional[str]:
+    """AlphaEdit-style editors: their null-space projector P from the fed statistics, through their own
+    ``get_project``, and their accumulated-keys matrix ``cache_c`` started at zero (once per model until
+    disable_easyedit()). Returns a file holding P (safetensors) for ``P_loc``: the editor then neither
+    recomputes P on every call (it does while P_loc is missing, sizing it from the model's name and saving a
+    pickle in the working directory) nor unpickles a file; None for other editors."""
+    if not all(hasattr(main, a) for a in ("get_project", "P_loaded", "cache_c_new")):
+        return None
+    from safetensors.torch import save_file
+
+    from .models import cache_dir
+
+    key = (main.__name__, model.config._name_or_path, tuple(hparams.layers), float(hparams.nullspace_threshold),
+           str(hparams.mom2_dataset), int(hparams.mom2_n_samples))
+    path = cache_dir() / "null-space" / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}.safetensors"
+    if key not in _STATE.projectors or not (main.P_loaded and main.cache_c_new) or not path.exists():
+        projectors = torch.stack([main.get_project(model, tok, layer, hparams).cpu() for layer in hparams.layers])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"P": projectors.contiguous()}, str(path))
+        main.P, main.P_loaded = projectors, True
+        main.cache_c, main.cache_c_new = torch.zeros_like(projectors), True
+        _STATE.projectors.add(key)
+        _STATE.primed_projectors.add(main.__name__)
+    return str(path)
+
+
+@contextlib.contextmanager
+def _setting(hparams: Any, name: str, value: Any) -> Iterator[None]:
+    """``hparams.name = value`` inside the block (skipped for a None value)."""
+    if value is None:
+        yield
+        return
+    old = getattr(hparams, name)
+    setattr(hparams, name, value)
+    try:
+        yield
+    finally:
+        setattr(hparams, name, old)
 
 
 def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -361,7 +425,7 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     def apply(model: Any, tok: Any, requests: Any, hparams: Any, *args: Any, **kwargs: Any) -> Any:
         configs = dict(getattr(hparams, PLUGIN_CONFIGS_ATTR, {}) or {})
         with compat.cuda_redirect(_STATE.device):
-            if alg in NON_WEIGHT_EDITORS:
+            if passes_through(alg):
                 if configs:
                     warnings.warn(
                         f"{alg} does not write model weights, so the plugin blocks {sorted(configs)} have no "
@@ -376,8 +440,10 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                 # Edit a copy ourselves so the diff is taken on the model that is returned.
                 model = copy_module.deepcopy(model)
                 kwargs["copy"] = False
-            _prime_context_templates(alg, model, tok, hparams)
-            _feed_statistics(alg, model, tok, hparams)
+            main = editor_module(apply_fn)
+            _prime_context_templates(main, model, tok, hparams)
+            projector = _prepare_null_space(main, model, tok, hparams) if _feed_statistics(
+                main, model, tok, hparams) else None
             host = host_for(model)
             order = (configs.get(HOST_BLOCK) or {}).get("order")
 
@@ -388,7 +454,8 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                 with batched_compute_z(requests, **z_options):
                     return apply_fn(model, tok, requests, hparams, *args, **kwargs)
 
-            result, _ = host.run_step(alg, target_weights(model, hparams), run, configs=configs, order=order)
+            with _setting(hparams, "P_loc", projector):
+                result, _ = host.run_step(alg, target_weights(model, hparams), run, configs=configs, order=order)
             return result
 
     apply.__revive_wrapped__ = apply_fn  # type: ignore[attr-defined]
@@ -444,6 +511,13 @@ def batched_compute_z(requests: Any, chunk: int = 16, early_exit: bool = True) -
         repr_tools.nethook = nethook
 
 
+def sequential_edit_kwargs(editor: Any) -> dict:
+    """Keyword arguments that make ``BaseEditor.edit`` keep each edit for the next one (sequential editing):
+    ``sequential_edit=True`` in EasyEdit's tree, ``keep_original_weight=False`` in the PyPI release."""
+    params = inspect.signature(type(editor).edit).parameters
+    return {"sequential_edit": True} if "sequential_edit" in params else {"keep_original_weight": False}
+
+
 def _wrap_editor_class(base_editor: type) -> None:
     original_init = base_editor.__init__
 
@@ -456,7 +530,7 @@ def _wrap_editor_class(base_editor: type) -> None:
                 return
             # easyeditor picks loader classes by substrings of the name (no Qwen, the slow LLaMA tokenizer
             # for LLaMA 3, no local directories): causal LMs are loaded with the Auto classes instead.
-            padding = "right" if hparams.alg_name in ("ROME", "MEMIT") else "left"
+            padding = "right" if hparams.alg_name in RIGHT_PADDED else "left"
             model, tok = load_model(name, padding_side=padding)
             hparams.model_name = (model, tok)
             try:
@@ -501,13 +575,8 @@ def enable_easyedit(device: Optional[str] = None, order: Optional[list[str]] = N
         wrapped = _wrap_apply(alg, getattr(fn, "__revive_wrapped__", fn))
         alg_dict_mod.ALG_DICT[alg] = wrapped
         _STATE.restores.append(functools.partial(alg_dict_mod.ALG_DICT.__setitem__, alg, fn))
-    for spec in HPARAMS_MODULES.values():
-        try:
-            cls = _resolve(spec)
-        except (ImportError, AttributeError):
-            continue
-        if "from_hparams" in vars(cls):
-            _wrap_from_hparams(cls)
+    for cls in hparams_classes().values():
+        _wrap_from_hparams(cls)
     _wrap_editor_class(_resolve("easyeditor.editors.editor:BaseEditor"))
     compute_z = compat.import_easyeditor("easyeditor.models.memit.compute_z")
     _patch(compute_z, "nethook", compat.tuple_view_nethook(compute_z.nethook))
@@ -525,3 +594,8 @@ def disable_easyedit() -> None:
     for module in _STATE.primed:
         compat.import_easyeditor(module).CONTEXT_TEMPLATES_CACHE = None
     _STATE.primed.clear()
+    for module in _STATE.primed_projectors:  # AlphaEdit's P and accumulated keys belong to the last model
+        main = compat.import_easyeditor(module)
+        main.P_loaded, main.cache_c_new = False, False
+    _STATE.primed_projectors.clear()
+    _STATE.projectors.clear()

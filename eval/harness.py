@@ -716,15 +716,15 @@ class Run:
         return 0
 
     def _load_hparams(self) -> Any:
-        from revive_plugin.adapters.compat import import_easyeditor
-        from revive_plugin.adapters.easyedit import HPARAMS_MODULES, PLUGIN_CONFIGS_ATTR
+        from revive_plugin.adapters.easyedit import PLUGIN_CONFIGS_ATTR
+        from revive_plugin.adapters.editors import hparams_classes
 
         path = _resolve_file(self.config.hparams)
         alg = (yaml.safe_load(path.read_text()) or {}).get("alg_name")
-        if alg not in HPARAMS_MODULES:
-            raise ValueError(f"{path}: alg_name {alg!r} is not one of {sorted(HPARAMS_MODULES)}")
-        module, _, cls_name = HPARAMS_MODULES[alg].partition(":")
-        hp = getattr(import_easyeditor(module), cls_name).from_hparams(str(path))
+        classes = hparams_classes()
+        if alg not in classes:
+            raise ValueError(f"{path}: alg_name {alg!r} is not one of {sorted(classes)}")
+        hp = classes[alg].from_hparams(str(path))
         for key, value in self.config.hparams_overrides.items():
             if not hasattr(hp, key):
                 raise ValueError(f"hparams_overrides: {alg} hparams have no setting {key!r}")

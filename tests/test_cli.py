@@ -17,7 +17,7 @@ from revive_plugin.cli import build_parser, main
 from revive_plugin.eval.harness import CONFIG_DIR
 
 SHIPPED_MEMIT = Path(demo.DEFAULT_HPARAMS)
-COMMANDS = ("plugins", "prepare-model", "edit-stats", "demo", "eval", "calibrate", "study", "compare")
+COMMANDS = ("plugins", "editors", "prepare-model", "edit-stats", "demo", "eval", "calibrate", "study", "compare")
 
 
 def help_text(capsys, *argv: str) -> str:

@@ -286,3 +286,20 @@ def test_attach_plugin_configs_validates_like_the_yaml(tmp_path, enabled, tiny_m
     with pytest.raises(ValueError, match=r"revive\.layers entries \[7\] select none"):
         easyedit.attach_plugin_configs(hp, revive={"layers": [7]})
     assert easyedit.attach_plugin_configs(hp, revive=None).plugin_configs == {"revive": {}}
+
+
+def test_revive_editors_on_the_release(capsys):
+    """`revive editors` accounts for every ALG_DICT entry of the release: its three tested weight editors, and
+    the non-weight ones passed through."""
+    from revive_plugin.adapters.editors import catalogue
+    from revive_plugin.cli import main
+
+    alg_dict = import_easyeditor("easyeditor.util.alg_dict").ALG_DICT
+    rows = {r.name: r for r in catalogue()}
+    assert list(rows) == list(alg_dict)
+    assert {n for n, r in rows.items() if r.runs_here == "tested"} == {"MEMIT", "ROME", "FT"}
+    assert rows["IKE"].plugins.startswith("passed through") and rows["MEMIT"].plugins == "filtered"
+    assert main(["editors"]) == 0
+    out = capsys.readouterr().out
+    assert "easyeditor: release 0.0.1.dev0" in out
+    assert all(f"| {name} |" in out for name in alg_dict)

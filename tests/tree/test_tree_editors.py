@@ -1,0 +1,196 @@
+"""EasyEdit's GitHub tree through enable_easyedit: real edits of MEMIT, ROME, FT, AlphaEdit, EMMET, R-ROME and
+PMET on a tiny LLaMA with REVIVE's invariant checked, AlphaEdit's update against a hand computation of its
+formula, the baselines stacked with REVIVE on the tree's MEMIT, and ``revive editors``."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_easyedit import COMMON, FT, MEMIT, REQUEST, REQUEST2, ROME, edited_weights, editor_for, write_hparams
+
+from revive_plugin import protected_basis
+from revive_plugin.adapters import compat, easyedit
+from revive_plugin.adapters.editors import KINDS, TESTED, catalogue, hparams_classes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STATS = {"mom2_dataset": "me-ppl", "mom2_n_samples": 64, "mom2_dtype": "float32", "stats_dir": "unused"}
+Z = {"fact_token": "subject_last", "v_num_grad_steps": 4, "v_lr": 0.5, "v_loss_layer": 1, "v_weight_decay": 0.001,
+     "clamp_norm_factor": 4, "kl_factor": 0.0625}
+ALPHAEDIT = {**COMMON, **STATS, **Z, "alg_name": "AlphaEdit", "layers": [0, 1], "layer_selection": "all",
+             "mom2_adjustment": True, "mom2_update_weight": 100, "nullspace_threshold": 2e-2, "L2": 1.0,
+             "P_loc": "./null_space_project.pt", "max_length": 40, "batch_size": 1}
+EMMET = {**MEMIT, "alg_name": "EMMET", "update_norm_lambda": 0, "emmet_lambda": 0.1}
+R_ROME = {**ROME, "alg_name": "R-ROME", "enable_prompt_keys": False, "enable_random_prefix_keys": True}
+PMET = {**MEMIT, "alg_name": "PMET", "nll_loss_factor": 1.0, "layers": [1],
+        "rewrite_module_tmps": ["model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn.o_proj"]}
+FT_TREE = {**FT, "objective_optimization": "target_new"}
+EDITORS = {"MEMIT": MEMIT, "ROME": ROME, "FT": FT_TREE, "AlphaEdit": ALPHAEDIT, "EMMET": EMMET, "R-ROME": R_ROME,
+           "PMET": PMET}
+
+
+@pytest.fixture
+def enabled(tmp_path, monkeypatch):
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # anything an editor writes to its working directory lands here
+    easyedit.enable_easyedit(device="cpu")
+    yield
+    easyedit.disable_easyedit()
+
+
+def load(alg, path):
+    return hparams_classes()[alg].from_hparams(str(path))
+
+
+def test_the_session_uses_the_tree():
+    origin = compat.easyeditor_origin()
+    assert origin["kind"] == "source tree"
+    assert Path(origin["path"]).parent == Path(os.environ[compat.SOURCE_ENV]).resolve()
+    assert {"AlphaEdit", "EMMET", "R-ROME", "PMET"} <= set(hparams_classes())
+
+
+@pytest.mark.parametrize("alg", list(EDITORS))
+def test_revive_filters_the_trees_editors(tmp_path, enabled, tiny_model_dir, alg):
+    tau = 0.3
+    hp = load(alg, write_hparams(tmp_path, EDITORS[alg], tiny_model_dir, revive={"tau": tau}))
+    torch.manual_seed(0)
+    editor = editor_for(hp)
+    weights = {n: editor.model.get_parameter(n) for n in easyedit.written_matrices(vars(hp))}
+    w0 = {n: w.detach().clone() for n, w in weights.items()}
+    editor.edit(**REQUEST, verbose=False, sequential_edit=True)
+    editor.edit(**REQUEST2, verbose=False, sequential_edit=True)  # sequential: the edits accumulate
+    assert [r.editor for r in easyedit.step_records(editor.model)] == [alg, alg]
+    changed = 0
+    for n, w in weights.items():
+        total = w.detach() - w0[n]
+        if not torch.any(total):
+            continue
+        changed += 1
+        b = protected_basis(w0[n], tau)
+        scale = float(total.norm())
+        assert float((b.u.T.float() @ total).norm()) <= 1e-4 * scale + 1e-6, n
+        assert float((total @ b.v.float()).norm()) <= 1e-4 * scale + 1e-6, n
+    assert changed >= 1
+    assert not (tmp_path / "null_space_project.pt").exists()  # AlphaEdit wrote no pickle
+
+
+def test_the_tree_writes_what_it_wrote_before_without_a_block(tmp_path, enabled, tiny_model_dir):
+    """With no plugin block the host is a pass-through: the tree's MEMIT writes W₀ + its own ΔW."""
+    hp = load("MEMIT", write_hparams(tmp_path, MEMIT, tiny_model_dir))
+    torch.manual_seed(0)
+    editor = editor_for(hp)
+    w = edited_weights(editor, hp)
+    before = {n: t.detach().clone() for n, t in w.items()}
+    editor.edit(**REQUEST, verbose=False, sequential_edit=True)
+    assert any(not torch.equal(before[n], t) for n, t in w.items())
+    (record,) = easyedit.step_records(editor.model)
+    assert record.editor == "MEMIT"
+
+
+# -- AlphaEdit's update by hand --------------------------------------------------------------------------
+def _key_and_output(model, tok, prompt, subject, layer_module, down_proj):
+    """Input of ``down_proj`` and output of the z layer at the subject's last token (one template: "{}")."""
+    text = prompt.format(subject)
+    prefix = tok(prompt[: prompt.index("{}")] + subject)["input_ids"]
+    index = len(prefix) - 1
+    seen = {}
+    hooks = [down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("k", a[0][0, index].detach())),
+             layer_module.register_forward_hook(
+                 lambda m, a, o: seen.__setitem__("z", (o[0] if isinstance(o, tuple) else o)[0, index].detach()))]
+    try:
+        with torch.no_grad():
+            model(**tok(text, return_tensors="pt"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen["k"].double(), seen["z"].double()
+
+
+def test_alphaedit_update_matches_its_formula(tmp_path, enabled, tiny_model_dir, monkeypatch):
+    """ΔW = R K₁ᵀ P (K_p K_pᵀ P + K₁K₁ᵀ P + αI)⁻¹, P the projector onto the eigenvectors of K₀K₀ᵀ with eigenvalue
+    below the threshold, K_p the keys of earlier edits — computed here from hooks and the fed statistics."""
+    cfg = {**ALPHAEDIT, "layers": [1], "L2": 0.01}  # a small α, so that K_p K_pᵀ weighs in the solve
+    hp = load("AlphaEdit", write_hparams(tmp_path, cfg, tiny_model_dir))
+    main = compat.import_easyeditor("easyeditor.models.alphaedit.AlphaEdit_main")
+    monkeypatch.setattr(main, "CONTEXT_TEMPLATES_CACHE", [["{}"]])
+    targets = {}
+    torch.manual_seed(0)
+    z_fixed = torch.randn(32)
+
+    def fixed_z(model, tok, request, hparams, layer, templates):
+        targets[request["subject"]] = z_fixed + len(targets)  # a distinct target per edit
+        return targets[request["subject"]].clone()
+
+    monkeypatch.setattr(main, "compute_z", fixed_z)
+    editor = editor_for(hp)
+    model, tok = editor.model, editor.tok
+    name = "model.layers.1.mlp.down_proj.weight"
+    w = model.get_parameter(name)
+    layer_module, down_proj = model.model.layers[1], model.model.layers[1].mlp.down_proj
+
+    # K₀K₀ᵀ: the statistics the adapter feeds the editor (local corpus, as in the hparams), eigen-decomposed
+    # here; the threshold splits the spectrum in half so that P protects some directions and frees others.
+    from revive_plugin.adapters.stats import load_corpus, second_moments
+
+    module = "model.layers.1.mlp.down_proj"
+    cov = second_moments(model, tok, [module], load_corpus("me-ppl"), n_samples=64, dtype="float32",
+                         model_id=model.config._name_or_path.replace("/", "_"))[module].double()
+    evals, evecs = torch.linalg.eigh(cov)
+    hp.nullspace_threshold = float(evals[31] + evals[32]) / 2
+    null = evecs[:, evals < hp.nullspace_threshold]
+    assert null.shape[1] == 32
+    P = null @ null.T
+
+    keys_before = torch.zeros(64, 64, dtype=torch.float64)
+    for request, subject in ((REQUEST, "Danielle Darrieux"), (REQUEST2, "Italy")):
+        prompt = request["prompts"][0].replace(subject, "{}")
+        k, z_now = _key_and_output(model, tok, prompt, subject, layer_module, down_proj)
+        w_before = w.detach().double().clone()
+        editor.edit(**request, verbose=False, sequential_edit=True)
+        r = (targets[subject].double() - z_now)[:, None]  # residual at the (only, last) layer
+        K = k[:, None]
+        expected = torch.linalg.solve(P @ (K @ K.T + keys_before) + 0.01 * torch.eye(64, dtype=torch.float64),
+                                      P @ K @ r.T).T
+        got = w.detach().double() - w_before
+        error = float((got - expected).norm() / expected.norm())
+        assert error < 1e-4, error  # float32 solve inside AlphaEdit; leaving out K_p gives ≈1e-2
+        assert float((got @ (torch.eye(64, dtype=torch.float64) - P)).abs().max()) < 1e-5  # rows live in P's span
+        keys_before = keys_before + K @ K.T
+
+
+# -- baselines stacked with REVIVE on the tree's editors -------------------------------------------------
+@pytest.mark.parametrize("alg,order", [("MEMIT", ["rect", "revive"]), ("MEMIT", ["prune", "revive"]),
+                                       ("AlphaEdit", ["rect", "revive"])])
+def test_baselines_stack_with_revive_on_the_tree(tmp_path, enabled, tiny_model_dir, alg, order):
+    blocks = {"revive": {"tau": 0.3}, "edit_plugins": {"order": order},
+              order[0]: {"top": 0.4} if order[0] == "rect" else {"alpha": "e"}}
+    hp = load(alg, write_hparams(tmp_path, EDITORS[alg], tiny_model_dir, **blocks))
+    torch.manual_seed(0)
+    editor = editor_for(hp)
+    weights = edited_weights(editor, hp)
+    w0 = {n: w.detach().clone() for n, w in weights.items()}
+    editor.edit(**REQUEST, verbose=False, sequential_edit=True)
+    (record,) = easyedit.step_records(editor.model)
+    assert any(k.startswith(f"{order[0]}/") for k in record.metrics)  # the baseline ran on the step
+    for n, w in weights.items():
+        total = w.detach() - w0[n]
+        b = protected_basis(w0[n], 0.3)
+        assert float((b.u.T.float() @ total).norm()) <= 1e-4 * float(total.norm()) + 1e-6
+
+
+def test_revive_editors_accounts_for_every_entry(capsys):
+    from revive_plugin.cli import main
+
+    alg_dict = compat.import_easyeditor("easyeditor.util.alg_dict").ALG_DICT
+    rows = {r.name: r for r in catalogue()}
+    assert list(rows) == list(alg_dict)
+    assert set(alg_dict) <= set(KINDS)  # every entry of this tree is catalogued by reading its code
+    for name in TESTED["source tree"]:
+        assert rows[name].runs_here == "tested"
+    assert rows["DeepEdit-Api"].runs_here.startswith("no:") and "zhipuai" in rows["DeepEdit-Api"].runs_here
+    assert rows["IKE"].plugins.startswith("passed through")
+    main(["editors"])
+    out = capsys.readouterr().out
+    assert "source tree" in out
+    for name in alg_dict:
+        assert f"| {name} |" in out
