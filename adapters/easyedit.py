@@ -47,6 +47,7 @@ from revive_plugin.host import (
 
 from . import compat
 from .editors import hparams_classes, passes_through
+from .keys import request_keys
 from .models import load_model
 
 #: Attribute of an EasyEdit hparams object holding the popped plugin blocks.
@@ -55,6 +56,9 @@ PLUGIN_CONFIGS_ATTR = "plugin_configs"
 HOST_BLOCK = "edit_plugins"
 #: YAML block switching MEMIT's z optimisation to the batched path: ``batched_z: true`` or ``{chunk: 16}``.
 BATCHED_Z_BLOCK = "batched_z"
+#: Editors whose ``compute_z`` is MEMIT's (EasyEdit's tree at 14cea82: alphaedit/compute_z.py differs from
+#: memit/compute_z.py only in names): the ``batched_z:`` block applies to them.
+BATCHED_Z_EDITORS = ("MEMIT", "AlphaEdit")
 #: Editors whose key lookups assume right padding: the tree's BaseEditor list, plus PMET (its lookups index right-padded
 #: batches too; left-padded, they read padding: NaN updates on the tiny LLaMA).
 RIGHT_PADDED = ("ROME", "MEMIT", "EMMET", "EAMET", "R-ROME", "AlphaEdit", "CORE", "SPHERE", "PMET")
@@ -77,6 +81,7 @@ class _Integration:
         self.primed: set[str] = set()  # easyeditor modules whose context templates we sampled
         self.projectors: set[tuple] = set()  # (module, model, layers, threshold) whose P / cache_c we set
         self.primed_projectors: set[str] = set()  # modules whose P / cache_c are ours
+        self.pending_keys: dict[str, torch.Tensor] = {}  # cache_c from a checkpoint, set when P is
 
 
 _STATE = _Integration()
@@ -212,6 +217,9 @@ def split_plugin_blocks(
         blocks[HOST_BLOCK] = _check_order(blocks[HOST_BLOCK], pm, loaded, installed, source)
     if BATCHED_Z_BLOCK in blocks:
         blocks[BATCHED_Z_BLOCK] = batched_z_options(blocks[BATCHED_Z_BLOCK], source)
+        if blocks[BATCHED_Z_BLOCK] and editor is not None and editor not in BATCHED_Z_EDITORS:
+            raise ValueError(f"{source}: {BATCHED_Z_BLOCK} applies to {list(BATCHED_Z_EDITORS)} (MEMIT's compute_z), "
+                             f"not to {editor}; remove the block")
     try:
         blocks = validate_configs(pm, blocks, editor=editor, targets=targets)
     except ValueError as e:
@@ -400,10 +408,43 @@ def _prepare_null_space(main: Any, model: Any, tok: Any, hparams: Any) -> Option
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"P": projectors.contiguous()}, str(path))
         main.P, main.P_loaded = projectors, True
-        main.cache_c, main.cache_c_new = torch.zeros_like(projectors), True
+        restored = _STATE.pending_keys.pop(main.__name__, None)
+        if restored is not None and restored.shape != projectors.shape:
+            raise ValueError(f"{main.__name__}: the checkpoint's accumulated keys (cache_c) have shape "
+                             f"{tuple(restored.shape)}, this model and hparams need {tuple(projectors.shape)}")
+        main.cache_c = restored.clone() if restored is not None else torch.zeros_like(projectors)
+        main.cache_c_new = True
         _STATE.projectors.add(key)
         _STATE.primed_projectors.add(main.__name__)
     return str(path)
+
+
+def editor_module_of(alg: str) -> Any:
+    """The easyeditor module of the editor ``alg`` (its ALG_DICT apply function's module)."""
+    return editor_module(compat.import_easyeditor("easyeditor.util.alg_dict").ALG_DICT[alg])
+
+
+def editor_state(alg: str) -> dict[str, torch.Tensor]:
+    """What an editor itself carries from one edit to the next, for checkpoints: the accumulated keys
+    ``cache_c`` (K_p K_pᵀ) of AlphaEdit-style editors once they have started; empty for the others."""
+    main = editor_module_of(alg)
+    if main.__name__ in _STATE.primed_projectors and getattr(main, "cache_c_new", False):
+        return {"cache_c": main.cache_c.detach().cpu().clone()}
+    return {}
+
+
+def restore_editor_state(alg: str, state: Mapping[str, torch.Tensor]) -> None:
+    """Give an editor back what ``editor_state`` saved; it takes effect at its next edit (AlphaEdit's
+    ``cache_c`` is set when its projector is, and its shape is checked then)."""
+    unknown = set(state) - {"cache_c"}
+    if unknown:
+        raise ValueError(f"{alg}: unknown editor state {sorted(unknown)} (known: cache_c)")
+    main = editor_module_of(alg)
+    if "cache_c" in state:
+        if not hasattr(main, "cache_c_new"):
+            raise ValueError(f"{alg} keeps no accumulated keys (cache_c): this checkpoint is of another editor")
+        _STATE.pending_keys[main.__name__] = state["cache_c"]
+        _STATE.projectors = {k for k in _STATE.projectors if k[0] != main.__name__}  # P is set again, with it
 
 
 @contextlib.contextmanager
@@ -446,20 +487,35 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                 main, model, tok, hparams) else None
             host = host_for(model)
             order = (configs.get(HOST_BLOCK) or {}).get("order")
+            # context.keys: computed only if a plugin asks (prompts and subjects read now, before the editor runs).
+            keys = request_keys(model, tok, requests) if _has_prompts(requests) else None
 
             def run() -> Any:
                 z_options = configs.get(BATCHED_Z_BLOCK)
-                if alg != "MEMIT" or not z_options:
+                if not z_options:
                     return apply_fn(model, tok, requests, hparams, *args, **kwargs)
-                with batched_compute_z(requests, **z_options):
+                with batched_compute_z(requests, **z_options, main=main):
                     return apply_fn(model, tok, requests, hparams, *args, **kwargs)
 
-            with _setting(hparams, "P_loc", projector):
-                result, _ = host.run_step(alg, target_weights(model, hparams), run, configs=configs, order=order)
+            keys_before = main.cache_c.clone() if projector else None
+            try:
+                with _setting(hparams, "P_loc", projector):
+                    result, _ = host.run_step(alg, target_weights(model, hparams), run, configs=configs, order=order,
+                                              keys=keys)
+            except BaseException:
+                if keys_before is not None:  # a rolled-back step leaves AlphaEdit's accumulated keys as they were
+                    main.cache_c = keys_before
+                raise
             return result
 
     apply.__revive_wrapped__ = apply_fn  # type: ignore[attr-defined]
     return apply
+
+
+def _has_prompts(requests: Any) -> bool:
+    """Whether ``requests`` is a list of requests with a text prompt each (what ``context.keys`` is computed from)."""
+    return isinstance(requests, (list, tuple)) and bool(requests) and all(
+        isinstance(r, Mapping) and isinstance(r.get("prompt"), str) for r in requests)
 
 
 def memit_request(request: Mapping[str, Any]) -> dict:
@@ -477,8 +533,9 @@ def _z_key(request: Mapping[str, Any]) -> tuple[str, str, str]:
 
 
 @contextlib.contextmanager
-def batched_compute_z(requests: Any, chunk: int = 16, early_exit: bool = True) -> Iterator[None]:
-    """Within the block, MEMIT's ``compute_z`` returns v* optimised for all ``requests`` at once.
+def batched_compute_z(requests: Any, chunk: int = 16, early_exit: bool = True, main: Any = None) -> Iterator[None]:
+    """Within the block, MEMIT's ``compute_z`` (or that of ``main``, the module of an editor in
+    BATCHED_Z_EDITORS) returns v* optimised for all ``requests`` at once.
 
     The vectors are computed on the first ``compute_z`` call (context templates, layer and model as easyeditor
     passes them); a request not among them falls back to easyeditor's own ``compute_z``. With ``early_exit``
@@ -487,7 +544,7 @@ def batched_compute_z(requests: Any, chunk: int = 16, early_exit: bool = True) -
     """
     from .batched_z import compute_zs
 
-    main = compat.import_easyeditor("easyeditor.models.memit.memit_main")
+    main = main or compat.import_easyeditor("easyeditor.models.memit.memit_main")
     original = main.compute_z
     normalised = [memit_request(r) for r in requests]
     computed: dict[tuple[str, str, str], torch.Tensor] = {}
@@ -599,3 +656,4 @@ def disable_easyedit() -> None:
         main.P_loaded, main.cache_c_new = False, False
     _STATE.primed_projectors.clear()
     _STATE.projectors.clear()
+    _STATE.pending_keys.clear()

@@ -64,6 +64,15 @@ TESTED = {"source tree": ("MEMIT", "ROME", "FT", "AlphaEdit", "EMMET", "R-ROME",
           "release": ("MEMIT", "ROME", "FT")}
 
 
+#: Editors that take one request per call (rank-one updates): harnesses feed them a batch request by request.
+ONE_REQUEST_PER_CALL = ("ROME", "R-ROME")
+
+
+def request_groups(alg: str, requests: list) -> list[list]:
+    """The calls one edit step of ``requests`` takes: each request alone for ONE_REQUEST_PER_CALL, else all at once."""
+    return [[r] for r in requests] if alg in ONE_REQUEST_PER_CALL else [list(requests)]
+
+
 def passes_through(alg: str) -> bool:
     """True for editors whose edits the plugins cannot see (they write no pre-existing weight)."""
     return KINDS.get(alg, (WRITES_WEIGHTS, ""))[0] != WRITES_WEIGHTS

@@ -113,6 +113,7 @@ def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, outpu
     """Edit the held-out batch once per grid point; rows of settings and measures (also written to ``output``)."""
     from revive_plugin.adapters.compat import import_easyeditor
     from revive_plugin.adapters.easyedit import enable_easyedit
+    from revive_plugin.adapters.editors import request_groups
 
     from .perplexity import load_sentences, perplexity
 
@@ -153,8 +154,7 @@ def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, outpu
                 if k not in run_keys:
                     setattr(hp, k, v)
             began = time.perf_counter()
-            groups = [[r] for r in requests] if hp.alg_name == "ROME" else [requests]
-            for group in groups:
+            for group in request_groups(hp.alg_name, requests):
                 with contextlib.redirect_stdout(io.StringIO()):
                     editor.apply_algo(model, tok, group, hp, copy=False, return_orig_weights=False,
                                       keep_original_weight=False)

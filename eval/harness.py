@@ -300,8 +300,10 @@ def _sigterm_as_interrupt() -> Any:
 CHECKPOINT, CHECKPOINT_OLD, CHECKPOINT_PARTIAL = "checkpoint", "checkpoint.old", "checkpoint.partial"
 #: What a resume reads from ``state.json`` (besides the BASELINE_KEYS).
 STATE_KEYS = ("edits_done", "host_step", "python_random", "numpy_random", "context_templates")
-#: The easyeditor modules whose sampled context templates a checkpoint keeps.
+#: The easyeditor modules whose sampled context templates a checkpoint keeps (and the run's editor's own module).
 TEMPLATE_MODULES = ("easyeditor.models.memit.memit_main", "easyeditor.models.rome.rome_main")
+#: State an editor carries between edits (AlphaEdit's accumulated keys), when it has any.
+EDITOR_STATE = "editor.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -320,6 +322,7 @@ class Checkpoint:
     monitor: ReviveFilter
     plugin_state: dict[str, Any]  # entries of the host's per-model state, from the plugins' state files
     torch_rng: torch.Tensor
+    editor_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the editor's own (AlphaEdit's cache_c)
 
 
 def _damaged_fix(run_dir: Path) -> str:
@@ -424,8 +427,9 @@ def _state_problem(state: Any) -> Optional[str]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return f"{key} must be a non-negative integer, got {value!r}"
     templates = state["context_templates"]
-    if not isinstance(templates, dict) or set(templates) - set(TEMPLATE_MODULES):
-        return f"context_templates must map {list(TEMPLATE_MODULES)} to templates"
+    if not isinstance(templates, dict) or not all(
+            isinstance(m, str) and m.startswith("easyeditor.models.") for m in templates):
+        return "context_templates must map easyeditor modules (easyeditor.models.…) to templates"
     if not isinstance(state.get("pre_locality", {}), dict):
         return "pre_locality must be an object"
     try:  # on throwaway generators: the process's own are set only once everything has been checked
@@ -781,14 +785,18 @@ class Run:
         from safetensors.torch import save_file
 
         from revive_plugin.adapters.compat import import_easyeditor
-        from revive_plugin.adapters.easyedit import target_weights
+        from revive_plugin.adapters.easyedit import editor_module_of, editor_state, target_weights
 
         weights = {t.name: t.tensor.detach().cpu().contiguous() for t in target_weights(model, hp)}
         save_file(weights, str(directory / "weights.safetensors"))
         monitor.save(directory / "monitor.safetensors")
         _write_plugin_states(directory, host)  # every plugin's state (REVIVE's bases, PRUNE's W₀, …)
+        own = editor_state(hp.alg_name)
+        if own:
+            save_file({k: v.contiguous() for k, v in own.items()}, str(directory / EDITOR_STATE))
         save_file({"torch": torch.get_rng_state()}, str(directory / "rng.safetensors"))
-        templates = {module: import_easyeditor(module).CONTEXT_TEMPLATES_CACHE for module in TEMPLATE_MODULES}
+        modules = dict.fromkeys([*TEMPLATE_MODULES, editor_module_of(hp.alg_name).__name__])
+        templates = {module: getattr(import_easyeditor(module), "CONTEXT_TEMPLATES_CACHE", None) for module in modules}
         np_state = np.random.get_state()
         state = {"edits_done": done, "host_step": host.step, "python_random": list(random.getstate()[1]),
                  "numpy_random": [np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -816,16 +824,18 @@ class Run:
         pm = host.pm if host is not None else get_plugin_manager()
         plugin_state = _read_plugin_states(d, pm, dict(getattr(hp, PLUGIN_CONFIGS_ATTR, None) or {}), matrices,
                                            fix, mismatch)
+        own = _read_tensors(d / EDITOR_STATE, fix)[0] if (d / EDITOR_STATE).exists() else {}
         return Checkpoint(state=state, weights=weights, monitor=monitor, plugin_state=plugin_state,
-                          torch_rng=_read_rng(d / "rng.safetensors", fix))
+                          torch_rng=_read_rng(d / "rng.safetensors", fix), editor_state=own)
 
     @staticmethod
     def _restore(ckpt: Checkpoint, model: Any, hp: Any, host: Any) -> tuple[int, ReviveFilter, dict]:
         """Apply a checked checkpoint: weights, plugin state, host step, RNG states, context templates."""
         from revive_plugin.adapters.compat import import_easyeditor
-        from revive_plugin.adapters.easyedit import target_weights
+        from revive_plugin.adapters.easyedit import restore_editor_state, target_weights
 
         state = ckpt.state
+        restore_editor_state(hp.alg_name, ckpt.editor_state)
         with torch.no_grad():
             for t in target_weights(model, hp):
                 t.tensor.copy_(ckpt.weights[t.name])
@@ -997,6 +1007,7 @@ class Run:
     def _execute(self, stop_after: Optional[int]) -> Path:
         from revive_plugin.adapters.compat import import_easyeditor
         from revive_plugin.adapters.easyedit import enable_easyedit, host_for, target_weights
+        from revive_plugin.adapters.editors import request_groups
 
         from .glue import GlueProbe
         from .report import write_report
@@ -1070,9 +1081,7 @@ class Run:
                     break
                 batch = cases[done: min(done + cfg.batch_size, target)]
                 requests = [c.to_request() for c in batch]
-                # ROME edits one request per call; the others take the batch at once.
-                groups = [[r] for r in requests] if hp.alg_name == "ROME" else [requests]
-                for group in groups:
+                for group in request_groups(hp.alg_name, requests):  # ROME-style editors: one per call
                     with contextlib.redirect_stdout(io.StringIO()):
                         editor.apply_algo(model, tok, group, hp, copy=False, return_orig_weights=False,
                                           keep_original_weight=False)

@@ -194,3 +194,98 @@ def test_revive_editors_accounts_for_every_entry(capsys):
     assert "source tree" in out
     for name in alg_dict:
         assert f"| {name} |" in out
+
+
+# -- AlphaEdit in the harness: batched z, checkpoint and resume -------------------------------------------
+def test_alphaedit_batched_z_writes_what_its_own_compute_z_writes(tmp_path, enabled, tiny_model_dir):
+    two = dict(prompts=REQUEST["prompts"] + REQUEST2["prompts"], target_new=REQUEST["target_new"] + REQUEST2[
+        "target_new"], ground_truth=REQUEST["ground_truth"] + REQUEST2["ground_truth"],
+        subject=REQUEST["subject"] + REQUEST2["subject"])
+    written = []
+    for name, blocks in (("own", {}), ("batched", {"batched_z": True})):
+        easyedit.disable_easyedit()
+        easyedit.enable_easyedit(device="cpu")
+        (tmp_path / name).mkdir()
+        # z at layer 0, loss at layer 1: with both at one layer easyeditor's compute_z adds δ twice (its
+        # TraceDict hooks the module twice) and the batched path once, as in tests/test_batched_z.py.
+        cfg = {**ALPHAEDIT, "layers": [0], "batch_size": 2}
+        hp = load("AlphaEdit", write_hparams(tmp_path / name, cfg, tiny_model_dir, **blocks))
+        torch.manual_seed(0)
+        editor = editor_for(hp)
+        before = {n: w.detach().clone() for n, w in edited_weights(editor, hp).items()}
+        editor.batch_edit(**two, verbose=False, sequential_edit=True)
+        written.append({n: w.detach() - before[n] for n, w in edited_weights(editor, hp).items()})
+    for n in written[0]:
+        assert torch.any(written[0][n] != 0)  # the edit wrote something
+        error = float((written[1][n] - written[0][n]).norm() / written[0][n].norm())
+        assert error < 1e-4, (n, error)
+    with pytest.raises(ValueError, match="batched_z applies to .*MEMIT.*AlphaEdit.*not to ROME"):
+        load("ROME", write_hparams(tmp_path, ROME, tiny_model_dir, batched_z=True))
+
+
+@pytest.fixture
+def alphaedit_run(tmp_path, tiny_model_dir, monkeypatch):
+    from revive_plugin.eval.harness import RunConfig
+
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    hp = tmp_path / "tiny-alphaedit.yaml"
+    hp.write_text(__import__("yaml").safe_dump({**ALPHAEDIT, "model_name": str(tiny_model_dir), "batch_size": 2}))
+
+    def make(name, **extra):
+        return RunConfig.from_dict({
+            "name": name, "hparams": str(hp), "transforms": ["revive"], "revive": {"tau": 0.3}, "edits": 4,
+            "batch_size": 2, "eval_every": 2, "eval_facts": "all", "fluency_prompts": 0, "eval_last_batch": False,
+            "glue": {"tasks": [], "n_per_task": 0, "few_shot": 0, "dir": None}, "ppl": None,
+            "output": str(tmp_path / "runs" / "{name}"), "device": "cpu", **extra})
+
+    yield make
+    easyedit.disable_easyedit()
+
+
+def test_an_alphaedit_run_resumed_midway_equals_an_uninterrupted_one(alphaedit_run):
+    """AlphaEdit's accumulated keys K_p K_pᵀ (cache_c) are in the checkpoint: without them the resumed run's
+    second step would solve without the first step's keys."""
+    from safetensors.torch import load_file
+
+    from revive_plugin.eval.harness import Run
+
+    straight = Run.start(alphaedit_run("straight")).execute()
+    easyedit.disable_easyedit()
+    part = Run.start(alphaedit_run("resumed"))
+    part.execute(stop_after=2)
+    keys = load_file(str(part.run_dir / "checkpoint" / "editor.safetensors"))["cache_c"]
+    assert keys.shape == (2, 64, 64) and float(keys.abs().sum()) > 0  # two layers' K_p K_pᵀ after one step
+    easyedit.disable_easyedit()  # a new process starts from nothing
+    resumed = Run.resume(part.run_dir).execute()
+    wa = load_file(str(straight / "checkpoint" / "weights.safetensors"))
+    wb = load_file(str(resumed / "checkpoint" / "weights.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+    ka = load_file(str(straight / "checkpoint" / "editor.safetensors"))["cache_c"]
+    kb = load_file(str(resumed / "checkpoint" / "editor.safetensors"))["cache_c"]
+    torch.testing.assert_close(kb, ka, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rejected_step_leaves_alphaedits_keys_as_they_were(tmp_path, enabled, tiny_model_dir, monkeypatch):
+    from revive_plugin import EditRejected
+
+    hp = load("AlphaEdit", write_hparams(tmp_path, ALPHAEDIT, tiny_model_dir, revive={"tau": 0.3}))
+    torch.manual_seed(0)
+    editor = editor_for(hp)
+    editor.edit(**REQUEST, verbose=False, sequential_edit=True)
+    main = compat.import_easyeditor("easyeditor.models.alphaedit.AlphaEdit_main")
+    keys = main.cache_c.clone()
+    weights = {n: w.detach().clone() for n, w in edited_weights(editor, hp).items()}
+    original = main.execute_AlphaEdit
+
+    def poisoned(*args, **kwargs):
+        deltas = original(*args, **kwargs)  # cache_c has taken this step's keys by now
+        return {n: d * float("nan") for n, d in deltas.items()}
+
+    monkeypatch.setattr(main, "execute_AlphaEdit", poisoned)
+    with pytest.raises(EditRejected):
+        editor.apply_algo(editor.model, editor.tok, [dict(prompt="The capital of {} is", subject="Italy",
+                                                          target_new="Paris", ground_truth="Rome")], hp)
+    assert torch.equal(main.cache_c, keys)
+    for n, w in edited_weights(editor, hp).items():
+        assert torch.equal(w.detach(), weights[n])
