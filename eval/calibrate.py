@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import torch
 import yaml
 
-from .harness import Run, RunConfig, evaluate_facts, ordered_cases
+from .harness import Run, RunConfig, evaluate_facts, ordered_cases, use_easyedit_source
 
 #: hparams that change MEMIT's target vectors (everything else only changes the solve).
 Z_SETTINGS = ("v_num_grad_steps", "v_lr", "v_loss_layer", "v_weight_decay", "kl_factor", "clamp_norm_factor",
@@ -118,6 +118,7 @@ def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, outpu
     from .perplexity import load_sentences, perplexity
 
     output.mkdir(parents=True, exist_ok=True)
+    use_easyedit_source(config.easyedit_source)
     enable_easyedit(device=config.device)
     logging.getLogger("easyeditor").setLevel(logging.WARNING)
     run_keys = {k for k in grid if k.startswith("run.")}

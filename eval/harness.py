@@ -69,6 +69,8 @@ class RunConfig:
     seed: int = 0
     output: str = "runs/{name}"
     device: Optional[str] = None                   # None: CPU without a GPU, else easyeditor's cuda:{device}
+    easyedit_source: Optional[str] = None          # an EasyEdit GitHub checkout to edit with (None: $EASYEDIT_SOURCE,
+                                                   # else the installed release); relative: cwd, then the project
 
     def __post_init__(self) -> None:
         if self.order not in ("file", "seeded"):
@@ -93,6 +95,9 @@ class RunConfig:
         self._check_plugin_blocks()
         if "revive" in self.transforms:
             ReviveConfig.from_dict(self.plugin_block("revive"))
+        if self.easyedit_source is not None and (not isinstance(self.easyedit_source, str) or not self.easyedit_source):
+            raise ValueError(f"easyedit_source must be the path of an EasyEdit checkout (the folder holding "
+                             f"easyeditor/), or null for the installed release; got {self.easyedit_source!r}")
         if self.batched_z is not None:
             from revive_plugin.adapters.easyedit import batched_z_options
 
@@ -196,6 +201,20 @@ def check_transforms(transforms: Sequence[str]) -> None:
     if no_hook:
         raise ValueError(f"transforms names plugin(s) {no_hook}, which implement no easyedit_transform_delta; plugins "
                          f"with one: {sorted(n for n, p in plugins.items() if 'easyedit_transform_delta' in p['hooks'])}")
+
+
+def use_easyedit_source(path: Optional[str]) -> None:
+    """Edit with the EasyEdit checkout ``path`` (a run's ``easyedit_source``) in this process: sets
+    ``$EASYEDIT_SOURCE`` before easyeditor is imported (an easyeditor imported from elsewhere is an error)."""
+    from revive_plugin.adapters.compat import SOURCE_ENV, import_easyeditor
+
+    if path is None:
+        return
+    root = Path(path).expanduser()
+    if not root.is_absolute() and not root.exists():
+        root = PACKAGE_ROOT / root
+    os.environ[SOURCE_ENV] = str(root.resolve())
+    import_easyeditor("easyeditor")  # checks the folder and that no other easyeditor is loaded
 
 
 def _resolve_file(path: str) -> Path:
@@ -1013,6 +1032,7 @@ class Run:
         from .report import write_report
 
         cfg = self.config
+        use_easyedit_source(cfg.easyedit_source)
         enable_easyedit(device=cfg.device)
         logging.getLogger("easyeditor").setLevel(logging.WARNING)  # it logs every request at INFO
         hp = self._load_hparams()

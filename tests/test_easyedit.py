@@ -303,3 +303,27 @@ def test_revive_editors_on_the_release(capsys):
     out = capsys.readouterr().out
     assert "easyeditor: release 0.0.1.dev0" in out
     assert all(f"| {name} |" in out for name in alg_dict)
+
+
+def test_a_source_tree_is_chosen_before_easyeditor_is_imported(tmp_path, monkeypatch):
+    """EASYEDIT_SOURCE (or a run's easyedit_source) must name a checkout, and cannot switch easyeditors after
+    one was imported: both are errors that say what to do."""
+    from revive_plugin.adapters.compat import SOURCE_ENV, easyeditor_origin
+    from revive_plugin.eval.harness import RunConfig, use_easyedit_source
+
+    monkeypatch.delenv(SOURCE_ENV, raising=False)
+    assert easyeditor_origin()["kind"] == "release"  # this session's easyeditor
+    with pytest.raises(ModuleNotFoundError, match=r"EASYEDIT_SOURCE=.*nowhere: no easyeditor/__init__.py"):
+        use_easyedit_source(str(tmp_path / "nowhere"))
+    (tmp_path / "tree" / "easyeditor").mkdir(parents=True)
+    (tmp_path / "tree" / "easyeditor" / "__init__.py").write_text("")
+    with pytest.raises(ModuleNotFoundError, match=r"it is the package itself: set EASYEDIT_SOURCE=.*tree"):
+        use_easyedit_source(str(tmp_path / "tree" / "easyeditor"))
+    with pytest.raises(ImportError, match="easyeditor was already imported from .*site-packages"):
+        use_easyedit_source(str(tmp_path / "tree"))
+    with pytest.raises(ValueError, match="easyedit_source must be the path of an EasyEdit checkout"):
+        RunConfig(name="x", hparams="h.yaml", easyedit_source=3)
+    for name in ("smollm2-alphaedit", "smollm2-alphaedit-revive"):
+        cfg = RunConfig.from_yaml(name)
+        assert cfg.easyedit_source == ".venv/src/EasyEdit-14cea82" and cfg.batch_size == 100
+        assert cfg.transforms == (["revive"] if name.endswith("revive") else [])

@@ -236,7 +236,8 @@ def alphaedit_run(tmp_path, tiny_model_dir, monkeypatch):
             "name": name, "hparams": str(hp), "transforms": ["revive"], "revive": {"tau": 0.3}, "edits": 4,
             "batch_size": 2, "eval_every": 2, "eval_facts": "all", "fluency_prompts": 0, "eval_last_batch": False,
             "glue": {"tasks": [], "n_per_task": 0, "few_shot": 0, "dir": None}, "ppl": None,
-            "output": str(tmp_path / "runs" / "{name}"), "device": "cpu", **extra})
+            "output": str(tmp_path / "runs" / "{name}"), "device": "cpu",
+            "easyedit_source": os.environ[compat.SOURCE_ENV], **extra})  # a run config naming the tree
 
     yield make
     easyedit.disable_easyedit()
