@@ -38,7 +38,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "KN": (WRITES_WEIGHTS, "rewrites knowledge-neuron rows of MLP weights"),
     "MEND": (WRITES_WEIGHTS, "a trained hypernetwork's gradient-based weight deltas"),
     "ULTRAEDIT": (WRITES_WEIGHTS, "adds closed-form parameter shifts to linear weights"),
-    "SimIE": (WRITES_WEIGHTS, "wraps its base_method's update (each base step goes through the plugins)"),
+    "SimIE": (WRITES_WEIGHTS, "wraps the update of its base_method (itself an ALG_DICT editor)"),
     "LoRA": (ADDS_MODULES, "trains a peft LoRA adapter"),
     "QLoRA": (ADDS_MODULES, "trains a 4-bit peft LoRA adapter"),
     "DPO": (ADDS_MODULES, "trains a peft LoRA adapter with a DPO loss"),
