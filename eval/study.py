@@ -116,10 +116,13 @@ class Study:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"study file {p} is not valid YAML: {e}") from e
-        unknown = sorted(set(data) - {"name", "output", "parallel", "stages", "data_root", "runs", "compare"})
+        allowed = ("name", "output", "parallel", "stages", "data_root", "common", "runs", "compare")
+        unknown = sorted(set(data) - set(allowed))
         if unknown:
-            raise ValueError(f"{p}: unknown study setting(s) {unknown}; allowed: name, output, parallel, stages, "
-                             "data_root, runs, compare")
+            raise ValueError(f"{p}: unknown study setting(s) {unknown}; allowed: {', '.join(allowed)}")
+        common = data.get("common") or []
+        if not isinstance(common, list):
+            raise ValueError(f"{p}: common must be a list of KEY=VALUE overrides given to every run, got {common!r}")
         stages = data.get("stages") or []
         if not isinstance(stages, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in stages) \
                 or stages != sorted(set(stages)):
@@ -136,7 +139,7 @@ class Study:
         for name, spec in runs_data.items():
             if not isinstance(spec, dict) or "config" not in spec or set(spec) - {"config", "set"}:
                 raise ValueError(f"{p}: run {name!r} must be {{config: NAME, set: [KEY=VALUE, ...]}}, got {spec!r}")
-            overrides = [str(x).replace("{data_root}", root) for x in spec.get("set") or []]
+            overrides = [str(x).replace("{data_root}", root) for x in [*common, *(spec.get("set") or [])]]
             runs[name] = StudyRun(name, spec["config"], overrides, out / name)
         groups = data.get("compare") or {}
         for group, members in groups.items():

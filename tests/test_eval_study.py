@@ -93,3 +93,25 @@ def test_stages_advance_the_runs_together(study_file, tmp_path, capsys):
     assert [r["edits"] for r in rows(study.runs["a"].run_dir)] == [0, 2, 4]
     with pytest.raises(ValueError, match="stages must be an increasing list"):
         Study.load(study_file(stages=[3, 2]))
+
+
+def test_common_overrides_go_to_every_run_before_its_own(tmp_path):
+    spec = {"name": "c", "output": str(tmp_path / "out"), "data_root": "/data",
+            "common": ["edits=8", "data={data_root}/cf.json", "revive.tau=0.1"],
+            "runs": {"a": {"config": "x"}, "b": {"config": "x", "set": ["revive.tau=0.3"]}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    study = Study.load(path)
+    assert study.runs["a"].overrides == ["edits=8", "data=/data/cf.json", "revive.tau=0.1"]
+    assert study.runs["b"].overrides[-1] == "revive.tau=0.3" and study.runs["b"].target_edits == 8
+    cmd = study.runs["b"].command()
+    assert cmd.index("revive.tau=0.1") < cmd.index("revive.tau=0.3")  # the run's own setting wins
+    path.write_text(yaml.safe_dump({**spec, "common": "edits=8"}))
+    with pytest.raises(ValueError, match="common must be a list of KEY=VALUE"):
+        Study.load(path)
+
+
+@pytest.mark.parametrize("name", ["length", "tau", "baselines"])
+def test_shipped_studies_load(name):
+    study = Study.load(name)
+    assert study.runs and all(r.target_edits for r in study.runs.values())
