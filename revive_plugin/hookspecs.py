@@ -51,6 +51,23 @@ it through ``easyedit_state_save`` and hands it back through ``easyedit_state_lo
 run continues with the state an uninterrupted one would have. A plugin that keeps state across edit steps
 and implements neither hook is resumed without it (it starts over as if it had never run).
 
+Keys of a step
+--------------
+Locate-then-edit editors (ROME, MEMIT, …) treat a weight as a linear associative memory W k ≈ v whose *key* k
+of a request is the weight's input at the request's subject. A plugin that needs them (e.g. the
+``superposition`` monitor) calls ``context.keys(name)`` in any hook of the step: an ``n × d_in`` float tensor,
+row i the input of the module owning parameter ``name`` (``model.layers.4.mlp.down_proj`` for
+``model.layers.4.mlp.down_proj.weight``; ``d_in`` = the second dimension of the out×in view) at the last
+token of the subject of the step's i-th request, evaluated on the model **before the editor ran** (W_before
+of every target of the step, whichever hook asks: the host hands its snapshot to the driver, which evaluates
+the model with those values without writing into it). Keys are computed lazily, for all 2-D targets at
+once, on the first call of the step (a step whose plugins never call it costs nothing) and handed out as a
+fresh copy on every call. ``context.keys`` is None when the driver does not know the step's requests (a
+``PluginHost`` driven directly, without ``keys=``); ``revive_plugin.adapters.easyedit`` provides it for every
+weight-editing EasyEdit editor (see ``revive_plugin.adapters.keys`` for the exact definition: the request's
+own prompt, no context templates; a request whose subject is not in its prompt uses the prompt's last
+token). ``context.keys(name)`` raises ``KeyError`` for a name that is not a 2-D target of the step.
+
 Isolation and failures
 ----------------------
 The host's snapshot of W_before is its own: no hook ever receives it. ``easyedit_transform_delta`` gets
@@ -66,7 +83,7 @@ the editor ran: the weights are untouched).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import pluggy
 import torch
@@ -91,6 +108,9 @@ class EditContext:
              absent should do nothing.
     state:   scratch space that lives as long as the host session (one model): plugins keep their
              caches under their own key, e.g. ``state["revive"]``.
+    keys:    ``keys(name) -> Tensor[n, d_in]``, the keys of the step's n requests at the 2-D weight ``name``,
+             evaluated before the editor ran and computed only when first called (see "Keys of a step"
+             above), or None when the driver does not know the step's requests.
     """
 
     editor: str
@@ -98,6 +118,7 @@ class EditContext:
     layer: Optional[int] = None
     configs: Mapping[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    keys: Optional[Callable[[str], torch.Tensor]] = None
 
 
 @hookspec

@@ -193,6 +193,41 @@ class TargetWeight:
         return t.T if self.transposed else t
 
 
+#: What a driver hands ``PluginHost.run_step(keys=...)``: called with the names of the step's 2-D targets and
+#: the W_before of every target by parameter name (the host's snapshot, in the tensors' stored layout; read it,
+#: never write into it), it returns the keys of the step's requests per 2-D name, ``n × d_in``, evaluated with
+#: those parameter values (see "Keys of a step" in ``revive_plugin.hookspecs``).
+KeyProvider = Callable[[Sequence[str], Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+
+
+class StepKeys:
+    """``context.keys`` of one edit step: the provider's keys, computed on the first call, for every name at once."""
+
+    def __init__(self, provider: KeyProvider, names: Sequence[str], before: Mapping[str, torch.Tensor]):
+        self._provider = provider
+        self.names = list(names)
+        self._before: Optional[Mapping[str, torch.Tensor]] = before
+        self._keys: Optional[dict[str, torch.Tensor]] = None
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(f"no keys for {name!r}: keys exist for the 2-D weights of this edit step, {self.names}")
+        if self._keys is None:
+            if self._before is None:
+                raise RuntimeError("context.keys was called after its edit step ended; call it within the step's hooks")
+            with torch.no_grad():
+                got = self._provider(self.names, types.MappingProxyType(dict(self._before)))
+            missing = [n for n in self.names if n not in got]
+            if missing:
+                raise RuntimeError(f"the driver's key provider returned no keys for {missing}")
+            self._keys = {n: got[n].detach() for n in self.names}
+        return self._keys[name].clone()
+
+    def close(self) -> None:
+        """Drop the snapshot and the provider (the step ended); keys already computed stay readable."""
+        self._before, self._provider = None, None
+
+
 @dataclass
 class StepRecord:
     """What one edit step did: changed parameters, whether a transform changed a delta, merged metrics."""
@@ -320,17 +355,30 @@ class PluginHost:
         run: Callable[[], T],
         configs: Optional[Mapping[str, Any]] = None,
         order: Optional[Sequence[str]] = None,
+        keys: Optional[KeyProvider] = None,
     ) -> tuple[T, StepRecord]:
         """Snapshot ``targets``, call ``run()`` (the editor), pass each changed 2-D weight's delta through the
         chain and write W_before + ΔW_final. Anything that goes wrong restores every target exactly.
 
         The plugin blocks in ``configs`` are validated first (``easyedit_validate_config``, with the names of
-        the 2-D targets), so a refused block stops the step before the editor runs.
+        the 2-D targets), so a refused block stops the step before the editor runs. ``keys``, when the driver
+        knows the step's requests, becomes ``context.keys`` (called lazily with the 2-D targets' W_before).
         """
-        configs = self.validate(editor, configs, [t.name for t in targets if t.tensor.ndim == 2])
-        ctx = EditContext(editor=editor, step=self.step, configs=configs, state=self.state)
+        matrices = [t.name for t in targets if t.tensor.ndim == 2]
+        configs = self.validate(editor, configs, matrices)
         # The host's own snapshot: never handed to a plugin, so a restore always puts back W_before.
         before = {t.name: t.tensor.detach().clone() for t in targets}
+        step_keys = StepKeys(keys, matrices, before) if keys is not None else None
+        try:
+            return self._run_step(editor, targets, run, configs, order, before, step_keys)
+        finally:
+            if step_keys is not None:
+                step_keys.close()  # a context kept past its step does not keep the snapshot alive
+
+    def _run_step(self, editor: str, targets: Sequence[TargetWeight], run: Callable[[], T], configs: dict[str, Any],
+                  order: Optional[Sequence[str]], before: dict[str, torch.Tensor],
+                  step_keys: Optional[StepKeys]) -> tuple[T, StepRecord]:
+        ctx = EditContext(editor=editor, step=self.step, configs=configs, state=self.state, keys=step_keys)
         record = StepRecord(step=self.step, editor=editor)
 
         def restore() -> None:
@@ -377,7 +425,7 @@ class PluginHost:
                         finals[t.name] = delta  # biases/norms pass through: REVIVE protects matrices
                         continue
                     pctx = EditContext(editor=editor, step=self.step, layer=layer_index(t.name),
-                                       configs=configs, state=self.state)
+                                       configs=configs, state=self.state, keys=step_keys)
                     if chain is None:
                         chain = self.transform_chain(order)
                     final, changed = self.transform(t.name, delta, w0, pctx, chain=chain)
