@@ -29,6 +29,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "revive": "revive_plugin.plugins.revive",
     "rect": "revive_plugin.plugins.rect",    # baselines: pure ΔW transforms that stack with REVIVE
     "prune": "revive_plugin.plugins.prune",
+    "superposition": "revive_plugin.plugins.superposition",  # monitor: logs metrics, never changes a delta
 }
 
 #: Comma-separated plugin names: only these load (empty: none). Unset: every discovered plugin loads.
