@@ -49,7 +49,8 @@ class RunConfig:
     transforms: list = field(default_factory=list)  # plugin names applied to each delta, in order ([] = none)
     batched_z: Any = None                          # MEMIT z optimisation: None = as the hparams say; true/false/{chunk: N}
     revive: dict = field(default_factory=dict)     # the revive block when "revive" is in transforms
-    plugins: dict = field(default_factory=dict)    # plugin name -> its settings block, for the names in transforms
+    plugins: dict = field(default_factory=dict)    # plugin name -> its settings block, for the names in transforms/monitors
+    monitors: list = field(default_factory=list)   # plugins that only observe (e.g. superposition): their step metrics go into each row
     dataset: str = "counterfact"                   # counterfact | zsre
     data: Optional[str] = None                     # data file; None: the shipped sample
     order: str = "file"                            # file: records in file order | seeded: a permutation by `seed`
@@ -92,6 +93,8 @@ class RunConfig:
             raise ValueError(f"collapse_ppl_ratio must be a number > 1, got {self.collapse_ppl_ratio!r}")
         if not isinstance(self.transforms, list) or not all(isinstance(n, str) for n in self.transforms):
             raise ValueError(f"transforms must be a list of plugin names, got {self.transforms!r}")
+        if not isinstance(self.monitors, list) or not all(isinstance(n, str) for n in self.monitors):
+            raise ValueError(f"monitors must be a list of plugin names (e.g. [superposition]), got {self.monitors!r}")
         self._check_plugin_blocks()
         if "revive" in self.transforms:
             ReviveConfig.from_dict(self.plugin_block("revive"))
@@ -104,17 +107,19 @@ class RunConfig:
             batched_z_options(self.batched_z, source="run config")
 
     def _check_plugin_blocks(self) -> None:
-        """``plugins:`` maps names of plugins in ``transforms`` to mappings (a block nothing would read is refused)."""
+        """``plugins:`` maps names of plugins in ``transforms`` or ``monitors`` to mappings (a block nothing would read
+        is refused)."""
         if not isinstance(self.plugins, dict):
             raise ValueError(f"plugins must be a mapping of plugin name to its settings (e.g. plugins: {{half: "
                              f"{{scale: 0.5}}}}), got {self.plugins!r}")
         for name, block in self.plugins.items():
             if block is not None and not isinstance(block, dict):
                 raise ValueError(f"plugins.{name} must be a mapping of settings, got {block!r}")
-            if name not in self.transforms:
+            if name not in self.transforms and name not in self.monitors:
                 # A block for a plugin that does not run would change nothing while looking as if it did.
                 raise ValueError(f"plugins.{name} is set but {name!r} is not in transforms {self.transforms}; add it "
-                                 f"to transforms or remove the block (--set plugins={{}} drops all blocks)")
+                                 f"to transforms (a monitor, which changes no delta: to monitors) or remove the block "
+                                 f"(--set plugins={{}} drops all blocks)")
         if self.plugins.get("revive") is not None and self.revive:
             raise ValueError("the revive block is given twice (revive: and plugins.revive:); keep one of them")
 
@@ -160,7 +165,10 @@ class RunConfig:
             raise ValueError(f"{source}: {e}") from e
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["monitors"]:
+            del out["monitors"]  # configs written before monitors existed stay as they were
+        return out
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
@@ -215,6 +223,46 @@ def use_easyedit_source(path: Optional[str]) -> None:
         root = PACKAGE_ROOT / root
     os.environ[SOURCE_ENV] = str(root.resolve())
     import_easyeditor("easyeditor")  # checks the folder and that no other easyeditor is loaded
+
+
+def check_monitors(monitors: Sequence[str]) -> None:
+    """Every name in ``monitors`` is a discovered plugin that reports step metrics (``easyedit_edit_step_end``),
+    else a ValueError naming them (checked before anything is edited, like ``check_transforms``)."""
+    from revive_plugin.host import PLUGINS_ENV, describe_plugins, get_plugin_manager
+
+    if not monitors:
+        return
+    plugins = {p["name"]: p for p in describe_plugins(get_plugin_manager())}
+    missing = [n for n in monitors if n not in plugins]
+    if missing:
+        pinned = f" ({PLUGINS_ENV}={os.environ[PLUGINS_ENV]!r} limits which plugins load)" if PLUGINS_ENV in os.environ else ""
+        raise ValueError(f"monitors names plugin(s) {missing} that are not installed; discovered plugins: "
+                         f"{sorted(plugins)}{pinned}")
+    silent = [n for n in monitors if "easyedit_edit_step_end" not in plugins[n]["hooks"]]
+    if silent:
+        raise ValueError(f"monitors names plugin(s) {silent}, which report no step metrics (no easyedit_edit_step_end); "
+                         f"plugins with one: {sorted(n for n, p in plugins.items() if 'easyedit_edit_step_end' in p['hooks'])}")
+
+
+def monitor_metrics(history: Sequence[Any], first_step: int, monitors: Sequence[str]) -> dict[str, float]:
+    """The step metrics of the ``monitors`` (keys ``<monitor>/…``) in the host's records from ``first_step`` on."""
+    prefixes = tuple(f"{m}/" for m in monitors)
+    out: dict[str, float] = {}
+    for record in history:
+        if record.step >= first_step:
+            out.update({k: float(v) for k, v in record.metrics.items() if k.startswith(prefixes)})
+    return out
+
+
+def window_means(steps: Sequence[Any], after: int, upto: int) -> dict[str, float]:
+    """Each monitor metric's mean over the edit steps recorded (``[edits after the step, metrics]``) with
+    ``after < edits ≤ upto``: the steps since the previous row. A step without a metric does not count for it."""
+    sums: dict[str, list[float]] = {}
+    for edits, metrics in steps:
+        if after < edits <= upto:
+            for k, v in metrics.items():
+                sums.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
 def _resolve_file(path: str) -> Path:
@@ -451,6 +499,10 @@ def _state_problem(state: Any) -> Optional[str]:
         return "context_templates must map easyeditor modules (easyeditor.models.…) to templates"
     if not isinstance(state.get("pre_locality", {}), dict):
         return "pre_locality must be an object"
+    steps = state.get("monitor_steps", [])
+    if not isinstance(steps, list) or not all(
+            isinstance(s, list) and len(s) == 2 and isinstance(s[0], int) and isinstance(s[1], dict) for s in steps):
+        return "monitor_steps must be a list of [edits, {metric: value}] pairs"
     try:  # on throwaway generators: the process's own are set only once everything has been checked
         random.Random().setstate((3, tuple(state["python_random"]), None))
         keys, pos, has_gauss, cached = state["numpy_random"]
@@ -682,6 +734,7 @@ class Run:
         """A new run in ``output`` (default: the config's); refuses a directory holding a run or results."""
         run_dir = Path(output or config.output.format(name=config.name))
         check_transforms(config.transforms)  # before anything is created
+        check_monitors(config.monitors)
         if overwrite:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
@@ -763,7 +816,8 @@ class Run:
         if z:
             configs[BATCHED_Z_BLOCK] = z
         check_transforms(self.config.transforms)
-        for name in self.config.transforms:
+        check_monitors(self.config.monitors)
+        for name in [*self.config.transforms, *self.config.monitors]:
             configs[name] = self.config.plugin_block(name)
         if self.config.transforms:
             configs["edit_plugins"] = {"order": list(self.config.transforms)}
@@ -1080,6 +1134,11 @@ class Run:
             clock["eval"] = time.perf_counter() - began
             self._record_resources(0, host, clock)
         extra = {k: state[k] for k in BASELINE_KEYS if k in state}
+        # Monitor metrics of each edit step since the last row ([edits, metrics]); in the checkpoint, so a resumed
+        # run averages the same steps into its next row as an uninterrupted one.
+        monitor_steps = None
+        if cfg.monitors:
+            monitor_steps = extra["monitor_steps"] = list(state.get("monitor_steps", []))
         target = cfg.edits if stop_after is None else min(cfg.edits, stop_after)
         evaluated = {r["edits"] for r in read_rows(metrics_path)}
         bar = tqdm(total=cfg.edits, initial=done, desc=f"{cfg.name} edits", unit="edit")
@@ -1090,9 +1149,13 @@ class Run:
                 if (done % cfg.eval_every == 0 or done == cfg.edits) and done not in evaluated:
                     began = time.perf_counter()
                     row = self._evaluate(done, model, tok, hp, cases, probe, monitor, state)
+                    if monitor_steps is not None:  # the mean over the edit steps since the previous row
+                        row.update(window_means(monitor_steps, max((e for e in evaluated if e < done), default=0), done))
                     with metrics_path.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
                     evaluated.add(done)
+                    if monitor_steps is not None:
+                        monitor_steps[:] = [s for s in monitor_steps if s[0] > done]
                     clock["eval"] = time.perf_counter() - began
                     self._save(done, model, hp, host, monitor, extra)
                     self._record_resources(done, host, clock)
@@ -1102,10 +1165,13 @@ class Run:
                 batch = cases[done: min(done + cfg.batch_size, target)]
                 requests = [c.to_request() for c in batch]
                 for group in request_groups(hp.alg_name, requests):  # ROME-style editors: one per call
+                    first_step = host.step
                     with contextlib.redirect_stdout(io.StringIO()):
                         editor.apply_algo(model, tok, group, hp, copy=False, return_orig_weights=False,
                                           keep_original_weight=False)
                     done += len(group)  # each call is atomic: interrupted calls are rolled back
+                    if monitor_steps is not None:
+                        monitor_steps.append([done, monitor_metrics(host.history, first_step, cfg.monitors)])
                     bar.update(len(group))
                 rate = (time.time() - start) / max(done - start_done, 1)
                 bar.set_postfix_str(f"ETA {rate * (cfg.edits - done) / 60:.1f} min")

@@ -34,6 +34,9 @@ GENERAL = ["ppl", "ppl_rel", "collapsed"]
 SPECTRAL = ["ls_mean", "ss_mean", "fro_norm_mean", "sigma_max_mean", "sigma_max_growth_max"]
 PROTECTED = ["protected_left_mean", "protected_right_mean", "delta_rel_mean", "delta_rel_max", "delta_fro_mean",
              "complement_sigma_max_mean", "complement_over_sigma_k_mean"]
+#: The superposition monitor's means over edited layers (``monitors: [superposition]``), beside the collapse flag.
+SUPERPOSITION = ["superposition/interference", "superposition/leakage", "superposition/mean_cos",
+                 "superposition/kurtosis", "superposition/tail_mass"]
 _GLUE_KEY = re.compile(r"^glue_(.+)_(accuracy|f1|mcc)$")
 _GLUE_METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "mcc": "MCC"}
 
@@ -68,6 +71,10 @@ SPECTRAL_PANELS: list[list[Panel]] = [
     [("Edit share in protected left space (mean)", ("protected_left_mean",)),
      ("Edit share in protected right space (mean)", ("protected_right_mean",)),
      ("σ_max / pre-edit σ_max (max over layers)", ("sigma_max_growth_max",))],
+    # only runs with the superposition monitor have these (mean over the edit steps since the previous row)
+    [("Interference on earlier edits (mean)", ("superposition/interference",)),
+     ("Kurtosis of edited keys' cosines (mean)", ("superposition/kurtosis",)),
+     ("Tail mass of edited keys' cosines (mean)", ("superposition/tail_mass",))],
 ]
 
 
@@ -174,6 +181,17 @@ def _sections(first: str, labels: list[Any], rows: list[Row]) -> list[str]:
                 "smallest protected one).", ""]
     else:
         out += ["Not recorded by this run (its harness predates these monitors).", ""]
+    superposition = _present(SUPERPOSITION, rows)
+    if superposition:
+        cols = superposition + _present(["ppl_rel", "collapsed"], rows)
+        out += ["## Knowledge superposition (mean over edited layers and over the edit steps since the previous row)",
+                "", _table([first] + [c.removeprefix("superposition/") for c in cols],
+                           [[lab] + [r.get(c) for c in cols] for lab, r in zip(labels, rows)]), "",
+                "interference: RMS output change of a step at the keys of earlier edits over the change their own "
+                "edits made; leakage: the same over the step's change at its own keys (|P| of Hu et al. for a "
+                "rank-one edit); mean_cos, kurtosis (Pearson, 3 for a normal distribution), tail_mass (share beyond "
+                "tail_sigma standard deviations): the pairwise cosines of the edited keys "
+                "(revive_plugin/plugins/superposition.py).", ""]
     return out
 
 
