@@ -447,6 +447,54 @@ def restore_editor_state(alg: str, state: Mapping[str, torch.Tensor]) -> None:
         _STATE.projectors = {k for k in _STATE.projectors if k[0] != main.__name__}  # P is set again, with it
 
 
+def _in_loop_revive(alg: str, main: Any, configs: Mapping[str, Any]) -> bool:
+    """Whether this step runs REVIVE inside the editor's layer loop; refused for editors without one."""
+    from revive_plugin.config import ReviveConfig
+
+    block = configs.get("revive")
+    if block is None or not (ReviveConfig.from_dict(block).enabled and ReviveConfig.from_dict(block).in_loop):
+        return False
+    if not callable(getattr(main, "compute_ks", None)):
+        raise ValueError(f"revive.in_loop: {alg} has no MEMIT-style layer loop (no compute_ks in {main.__name__}); "
+                         "set in_loop: false (REVIVE then filters the step's ΔW after the editor)")
+    return True
+
+
+@contextlib.contextmanager
+def _revive_in_loop(alg: str, main: Any, host: PluginHost, targets: list[TargetWeight]) -> Iterator[None]:
+    """REVIVE inside a MEMIT-style editor's layer loop (``revive: {in_loop: true}``).
+
+    Such an editor writes layer after layer within one step, computing each layer's keys (``compute_ks``, once
+    per layer) on the model with the earlier layers' updates in place. Before each ``compute_ks`` call, every
+    target weight's update so far in this step is replaced by its REVIVE-filtered version, so each layer is
+    solved against what REVIVE will keep of the earlier ones. The editor's returned deltas are then filtered
+    after the step as usual (the projection is idempotent: the earlier layers' final deltas are the same).
+    """
+    from revive_plugin.host import layer_index
+    from revive_plugin.plugins.revive import NAME
+
+    start = {t.name: t.view().detach().clone() for t in targets if t.view().ndim == 2}
+    original = main.compute_ks
+
+    def compute_ks(*args: Any, **kwargs: Any) -> Any:
+        filt = host.state.get(NAME)
+        with torch.no_grad():
+            for t in targets:
+                if t.name not in start or filt is None:
+                    continue
+                w0 = start[t.name]
+                delta = t.view() - w0
+                if torch.any(delta):
+                    t.view().copy_(w0 + filt.filter(t.name, delta, w0, layer=layer_index(t.name)))
+        return original(*args, **kwargs)
+
+    main.compute_ks = compute_ks
+    try:
+        yield
+    finally:
+        main.compute_ks = original
+
+
 @contextlib.contextmanager
 def _setting(hparams: Any, name: str, value: Any) -> Iterator[None]:
     """``hparams.name = value`` inside the block (skipped for a None value)."""
@@ -490,11 +538,16 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
             # context.keys: computed only if a plugin asks (prompts and subjects read now, before the editor runs).
             keys = request_keys(model, tok, requests) if _has_prompts(requests) else None
 
+            targets = target_weights(model, hparams)
+            in_loop = _in_loop_revive(alg, main, configs)
+
             def run() -> Any:
                 z_options = configs.get(BATCHED_Z_BLOCK)
-                if not z_options:
-                    return apply_fn(model, tok, requests, hparams, *args, **kwargs)
-                with batched_compute_z(requests, **z_options, main=main):
+                with contextlib.ExitStack() as stack:
+                    if z_options:
+                        stack.enter_context(batched_compute_z(requests, **z_options, main=main))
+                    if in_loop:
+                        stack.enter_context(_revive_in_loop(alg, main, host, targets))
                     return apply_fn(model, tok, requests, hparams, *args, **kwargs)
 
             keys_before = main.cache_c.clone() if projector else None

@@ -32,6 +32,9 @@ class ReviveConfig:
     enabled: False turns the filter into a no-op without removing the block.
     svd:     "full" (exact SVD) or "randomized" (exact σ for k, then a seeded randomized range finder for
              Uₖ, Vₖ; faster where k ≪ min(m, n), e.g. 4096×14336 weights at τ = 0.1).
+    in_loop: True filters each layer's update inside a MEMIT-style editor's layer loop, so that later layers
+             are solved against the filtered update of earlier ones (the adapter does it; editors without
+             such a loop refuse it). False: the whole step's ΔW is filtered after the editor, as in the paper.
     """
 
     tau: float = 0.1
@@ -39,6 +42,7 @@ class ReviveConfig:
     layers: Optional[tuple[LayerSelector, ...]] = None
     enabled: bool = True
     svd: str = "full"
+    in_loop: bool = False
 
     def __post_init__(self) -> None:
         tau = self.tau
@@ -49,6 +53,8 @@ class ReviveConfig:
             raise ValueError(f"revive.basis must be one of {list(BASES)}, got {self.basis!r}")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"revive.svd must be one of {list(SVD_METHODS)}, got {self.svd!r}")
+        if not isinstance(self.in_loop, bool):
+            raise ValueError(f"revive.in_loop must be true or false, got {self.in_loop!r}")
         if not isinstance(self.enabled, bool):
             raise ValueError(f"revive.enabled must be true or false, got {self.enabled!r}")
         if self.layers is not None:

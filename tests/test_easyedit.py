@@ -327,3 +327,60 @@ def test_a_source_tree_is_chosen_before_easyeditor_is_imported(tmp_path, monkeyp
         cfg = RunConfig.from_yaml(name)
         assert cfg.easyedit_source == ".venv/src/EasyEdit-14cea82" and cfg.batch_size == 100
         assert cfg.transforms == (["revive"] if name.endswith("revive") else [])
+
+
+def test_revive_in_loop_solves_later_layers_against_filtered_earlier_ones(tmp_path, enabled, tiny_model_dir,
+                                                                          monkeypatch):
+    """revive.in_loop: when MEMIT computes layer 1's keys, layer 0 already holds W₀ + P(Δ₀); the final edit keeps
+    REVIVE's invariant; layer 0's delta is the same as with the filter after the step, layer 1's is not."""
+    tau = 0.3
+    main = import_easyeditor("easyeditor.models.memit.memit_main")
+    seen = []
+    finals = {}
+    for in_loop in (False, True):
+        easyedit.disable_easyedit()
+        easyedit.enable_easyedit(device="cpu")
+        (tmp_path / str(in_loop)).mkdir()
+        hp = load("MEMIT", write_hparams(tmp_path / str(in_loop), MEMIT, tiny_model_dir,
+                                         revive={"tau": tau, "in_loop": in_loop}))
+        torch.manual_seed(0)
+        editor = editor_for(hp)
+        weights = edited_weights(editor, hp)
+        w0 = {n: w.detach().clone() for n, w in weights.items()}
+        layer0 = "model.layers.0.mlp.down_proj.weight"
+        original = main.compute_ks
+
+        def spy(*args, **kwargs):
+            seen.append((in_loop, weights[layer0].detach() - w0[layer0]))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(main, "compute_ks", spy)
+        editor.edit(**REQUEST, keep_original_weight=False, verbose=False)
+        monkeypatch.setattr(main, "compute_ks", original)
+        finals[in_loop] = {n: w.detach() - w0[n] for n, w in weights.items()}
+        for n, total in finals[in_loop].items():
+            b = protected_basis(w0[n], tau)
+            assert float((b.u.T.float() @ total).norm()) <= 1e-4 * float(total.norm()) + 1e-6
+    # The keys of layer 1 (second compute_ks call of the step) were computed on layer 0's update as written:
+    # raw after the step-level filter's editor run, projected with in_loop.
+    raw_at_layer1 = [d for flag, d in seen if not flag][1]
+    filtered_at_layer1 = [d for flag, d in seen if flag][1]
+    assert len(seen) == 4  # one compute_ks per layer and run
+    b0 = protected_basis(w0["model.layers.0.mlp.down_proj.weight"], tau)
+    assert float((b0.u.T.float() @ raw_at_layer1).norm()) > 1e-3 * float(raw_at_layer1.norm())
+    assert float((b0.u.T.float() @ filtered_at_layer1).norm()) <= 1e-4 * float(filtered_at_layer1.norm()) + 1e-7
+    torch.testing.assert_close(filtered_at_layer1, finals[False]["model.layers.0.mlp.down_proj.weight"],
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(finals[True]["model.layers.0.mlp.down_proj.weight"],
+                               finals[False]["model.layers.0.mlp.down_proj.weight"], rtol=1e-4, atol=1e-6)
+    l1 = "model.layers.1.mlp.down_proj.weight"
+    assert float((finals[True][l1] - finals[False][l1]).norm()) > 1e-3 * float(finals[False][l1].norm())
+
+
+def test_revive_in_loop_is_refused_for_an_editor_without_a_layer_loop(tmp_path, enabled, tiny_model_dir):
+    hp = load("FT", write_hparams(tmp_path, FT, tiny_model_dir, revive={"tau": 0.3, "in_loop": True}))
+    editor = editor_for(hp)
+    w = {n: t.detach().clone() for n, t in edited_weights(editor, hp).items()}
+    with pytest.raises(ValueError, match="revive.in_loop: FT has no MEMIT-style layer loop"):
+        editor.edit(**REQUEST, keep_original_weight=False, verbose=False)
+    assert all(torch.equal(t.detach(), w[n]) for n, t in edited_weights(editor, hp).items())
