@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["TINY_CORPUS", "tiny_llama", "tiny_tokenizer"]
+__all__ = ["TINY_CORPUS", "random_model_like", "tiny_llama", "tiny_tokenizer"]
 
 TINY_CORPUS: tuple[str, ...] = (
     "The mother tongue of Danielle Darrieux is French.",
@@ -76,3 +76,23 @@ def tiny_llama(vocab_size: int, seed: int = 0, max_position_embeddings: int = 51
         pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def random_model_like(source, target, seed: int = 0):
+    """A causal LM with ``source``'s config and tokenizer but random weights, saved (fp32) to ``target``.
+
+    ``source`` needs only ``config.json`` and the tokenizer files (no weights). Used where a model's shape
+    matters but its weights cannot be had, e.g. timing a run of SmolLM2-135M's shape on a machine the GGUF
+    cannot reach. Returns ``target``.
+    """
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, target = Path(source), Path(target)
+    config = AutoConfig.from_pretrained(source)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    model.save_pretrained(target, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
