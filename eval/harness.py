@@ -188,27 +188,30 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
-def check_transforms(transforms: Sequence[str]) -> None:
-    """Every name in ``transforms`` is a discovered plugin with a delta transform, else a ValueError naming them.
-
-    Checked before anything is edited (and before a run directory is created): the host would only notice at
-    the first delta, after the editor had run.
-    """
+def _check_plugins(setting: str, names: Sequence[str], hook: str, does: str) -> None:
+    """Every name in the run setting ``setting`` is a discovered plugin implementing ``hook`` (what it ``does``),
+    else a ValueError naming them. Checked before anything is edited (and before a run directory is created):
+    the host would only notice after the editor had run."""
     from revive_plugin.host import PLUGINS_ENV, describe_plugins, get_plugin_manager
 
-    if not transforms:
+    if not names:
         return
     plugins = {p["name"]: p for p in describe_plugins(get_plugin_manager())}
-    missing = [n for n in transforms if n not in plugins]
+    missing = [n for n in names if n not in plugins]
     if missing:
         pinned = f" ({PLUGINS_ENV}={os.environ[PLUGINS_ENV]!r} limits which plugins load)" if PLUGINS_ENV in os.environ else ""
-        raise ValueError(f"transforms names plugin(s) {missing} that are not installed; discovered plugins: "
+        raise ValueError(f"{setting} names plugin(s) {missing} that are not installed; discovered plugins: "
                          f"{sorted(plugins)}{pinned}. Install the plugin's package (`revive plugins` lists what is "
-                         "found in the entry-point group easyedit.plugins) or fix transforms")
-    no_hook = [n for n in transforms if "easyedit_transform_delta" not in plugins[n]["hooks"]]
-    if no_hook:
-        raise ValueError(f"transforms names plugin(s) {no_hook}, which implement no easyedit_transform_delta; plugins "
-                         f"with one: {sorted(n for n, p in plugins.items() if 'easyedit_transform_delta' in p['hooks'])}")
+                         f"found in the entry-point group easyedit.plugins) or fix {setting}")
+    lacking = [n for n in names if hook not in plugins[n]["hooks"]]
+    if lacking:
+        raise ValueError(f"{setting} names plugin(s) {lacking}, which {does} (no {hook}); plugins with one: "
+                         f"{sorted(n for n, p in plugins.items() if hook in p['hooks'])}")
+
+
+def check_transforms(transforms: Sequence[str]) -> None:
+    """Every name in ``transforms`` is a discovered plugin with a delta transform (see ``_check_plugins``)."""
+    _check_plugins("transforms", transforms, "easyedit_transform_delta", "implement no delta transform")
 
 
 def use_easyedit_source(path: Optional[str]) -> None:
@@ -226,22 +229,8 @@ def use_easyedit_source(path: Optional[str]) -> None:
 
 
 def check_monitors(monitors: Sequence[str]) -> None:
-    """Every name in ``monitors`` is a discovered plugin that reports step metrics (``easyedit_edit_step_end``),
-    else a ValueError naming them (checked before anything is edited, like ``check_transforms``)."""
-    from revive_plugin.host import PLUGINS_ENV, describe_plugins, get_plugin_manager
-
-    if not monitors:
-        return
-    plugins = {p["name"]: p for p in describe_plugins(get_plugin_manager())}
-    missing = [n for n in monitors if n not in plugins]
-    if missing:
-        pinned = f" ({PLUGINS_ENV}={os.environ[PLUGINS_ENV]!r} limits which plugins load)" if PLUGINS_ENV in os.environ else ""
-        raise ValueError(f"monitors names plugin(s) {missing} that are not installed; discovered plugins: "
-                         f"{sorted(plugins)}{pinned}")
-    silent = [n for n in monitors if "easyedit_edit_step_end" not in plugins[n]["hooks"]]
-    if silent:
-        raise ValueError(f"monitors names plugin(s) {silent}, which report no step metrics (no easyedit_edit_step_end); "
-                         f"plugins with one: {sorted(n for n, p in plugins.items() if 'easyedit_edit_step_end' in p['hooks'])}")
+    """Every name in ``monitors`` is a discovered plugin that reports step metrics (see ``_check_plugins``)."""
+    _check_plugins("monitors", monitors, "easyedit_edit_step_end", "report no step metrics")
 
 
 def monitor_metrics(history: Sequence[Any], first_step: int, monitors: Sequence[str]) -> dict[str, float]:
@@ -389,7 +378,7 @@ class Checkpoint:
     monitor: ReviveFilter
     plugin_state: dict[str, Any]  # entries of the host's per-model state, from the plugins' state files
     torch_rng: torch.Tensor
-    editor_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the editor's own (AlphaEdit's cache_c)
+    editor_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the editor's own (AlphaEdit's cache_c, LEMoE's experts)
 
 
 def _damaged_fix(run_dir: Path) -> str:
@@ -864,11 +853,13 @@ class Run:
         save_file(weights, str(directory / "weights.safetensors"))
         monitor.save(directory / "monitor.safetensors")
         _write_plugin_states(directory, host)  # every plugin's state (REVIVE's bases, PRUNE's W₀, …)
-        own = editor_state(hp.alg_name)
+        own = editor_state(hp.alg_name, model)  # AlphaEdit's accumulated keys, LEMoE's experts and anchors
         if own:
             save_file({k: v.contiguous() for k, v in own.items()}, str(directory / EDITOR_STATE))
         save_file({"torch": torch.get_rng_state()}, str(directory / "rng.safetensors"))
-        modules = dict.fromkeys([*TEMPLATE_MODULES, editor_module_of(hp.alg_name).__name__])
+        # easyeditor's modules only (LEMoE's module is this package's and samples no templates)
+        modules = dict.fromkeys(m for m in [*TEMPLATE_MODULES, editor_module_of(hp.alg_name).__name__]
+                                if m.startswith("easyeditor.models."))
         templates = {module: getattr(import_easyeditor(module), "CONTEXT_TEMPLATES_CACHE", None) for module in modules}
         np_state = np.random.get_state()
         state = {"edits_done": done, "host_step": host.step, "python_random": list(random.getstate()[1]),
@@ -908,7 +899,7 @@ class Run:
         from revive_plugin.adapters.easyedit import restore_editor_state, target_weights
 
         state = ckpt.state
-        restore_editor_state(hp.alg_name, ckpt.editor_state)
+        restore_editor_state(hp.alg_name, ckpt.editor_state, model=model, hparams=hp)  # LEMoE: re-inserts its experts
         with torch.no_grad():
             for t in target_weights(model, hp):
                 t.tensor.copy_(ckpt.weights[t.name])
