@@ -46,7 +46,7 @@ from revive_plugin.host import (
 )
 
 from . import compat
-from .editors import hparams_classes, passes_through
+from .editors import OWN_EDITORS, hparams_classes, own_editor, passes_through
 from .keys import request_keys
 from .models import load_model
 
@@ -424,18 +424,35 @@ def editor_module_of(alg: str) -> Any:
     return editor_module(compat.import_easyeditor("easyeditor.util.alg_dict").ALG_DICT[alg])
 
 
-def editor_state(alg: str) -> dict[str, torch.Tensor]:
+def editor_state(alg: str, model: Optional[torch.nn.Module] = None) -> dict[str, torch.Tensor]:
     """What an editor itself carries from one edit to the next, for checkpoints: the accumulated keys
-    ``cache_c`` (K_p K_pᵀ) of AlphaEdit-style editors once they have started; empty for the others."""
+    ``cache_c`` (K_p K_pᵀ) of AlphaEdit-style editors once they have started; LEMoE's experts and anchors
+    in ``model`` (``lemoe.*``, adapters/lemoe.py); empty for the others."""
+    if alg == "LEMoE":
+        from .lemoe import lemoe_state
+
+        return lemoe_state(model) if model is not None else {}
     main = editor_module_of(alg)
     if main.__name__ in _STATE.primed_projectors and getattr(main, "cache_c_new", False):
         return {"cache_c": main.cache_c.detach().cpu().clone()}
     return {}
 
 
-def restore_editor_state(alg: str, state: Mapping[str, torch.Tensor]) -> None:
-    """Give an editor back what ``editor_state`` saved; it takes effect at its next edit (AlphaEdit's
-    ``cache_c`` is set when its projector is, and its shape is checked then)."""
+def restore_editor_state(alg: str, state: Mapping[str, torch.Tensor], model: Optional[torch.nn.Module] = None,
+                         hparams: Any = None) -> None:
+    """Give an editor back what ``editor_state`` saved. AlphaEdit's ``cache_c`` takes effect at its next edit
+    (it is set when its projector is, and its shape is checked then); LEMoE's experts go into ``model`` at once,
+    on the FFN ``hparams`` names (an empty state removes its adaptor), so a model evaluated before the next
+    edit runs with them."""
+    if alg == "LEMoE":
+        from .lemoe import restore_lemoe_state
+
+        if model is None or hparams is None:
+            if state:
+                raise ValueError("LEMoE's experts are restored into a model: pass model= and hparams=")
+            return
+        restore_lemoe_state(model, hparams, state)
+        return
     unknown = set(state) - {"cache_c"}
     if unknown:
         raise ValueError(f"{alg}: unknown editor state {sorted(unknown)} (known: cache_c)")
@@ -666,7 +683,8 @@ def _wrap_editor_class(base_editor: type) -> None:
 
 
 def enable_easyedit(device: Optional[str] = None, order: Optional[list[str]] = None, pm: Any = None) -> None:
-    """Switch the plugins on for EasyEdit in this process (idempotent).
+    """Switch the plugins on for EasyEdit in this process (idempotent); also adds this package's own editors
+    (``editors.OWN_EDITORS``: LEMoE) to ALG_DICT.
 
     :param device: where easyeditor's hard-coded ``cuda:N`` goes; default: CPU when CUDA is unavailable,
         else CUDA stays CUDA.
@@ -685,6 +703,10 @@ def enable_easyedit(device: Optional[str] = None, order: Optional[list[str]] = N
         wrapped = _wrap_apply(alg, getattr(fn, "__revive_wrapped__", fn))
         alg_dict_mod.ALG_DICT[alg] = wrapped
         _STATE.restores.append(functools.partial(alg_dict_mod.ALG_DICT.__setitem__, alg, fn))
+    for alg in OWN_EDITORS:  # this package's editors (LEMoE), unless easyeditor has one of that name
+        if alg not in alg_dict_mod.ALG_DICT:
+            alg_dict_mod.ALG_DICT[alg] = _wrap_apply(alg, own_editor(alg)[0])
+            _STATE.restores.append(functools.partial(alg_dict_mod.ALG_DICT.pop, alg, None))
     for cls in hparams_classes().values():
         _wrap_from_hparams(cls)
     _wrap_editor_class(_resolve("easyeditor.editors.editor:BaseEditor"))

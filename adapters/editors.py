@@ -6,11 +6,14 @@ modules (adapters, codebooks, side memories) or write nothing leave those weight
 unchanged, with a warning when the hparams carry plugin blocks. The kinds below were read from the code of the
 PyPI release 0.0.1.dev0 and of EasyEdit's tree at commit 14cea82; ``TESTED`` are the editors whose edits the
 test suite runs through the host on a tiny LLaMA (tests/tree for the tree, tests/test_easyedit.py for the release).
+``OWN_EDITORS`` are editors this package implements in easyeditor's form (LEMoE, adapters/lemoe.py); they are
+catalogued with easyeditor's and ``enable_easyedit()`` adds them to its ALG_DICT.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import compat
 
@@ -46,6 +49,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "GRACE": (ADDS_MODULES, "wraps a layer with a key-value codebook"),
     "WISE": (ADDS_MODULES, "adds a side memory to one MLP projection"),
     "DEFER": (ADDS_MODULES, "wraps a layer with a deferral adaptor"),
+    "LEMoE": (ADDS_MODULES, "adds one expert per batch to a mixture-of-experts adaptor on one FFN (this package)"),
     "IKE": (NO_WEIGHTS, "in-context demonstrations"),
     "SERAC": (NO_WEIGHTS, "retrieval memory, scope classifier and counterfactual model"),
     "FT-Api": (NO_WEIGHTS, "fine-tuning through the OpenAI API"),
@@ -59,9 +63,24 @@ CANNOT_RUN: dict[str, str] = {
     "DeepEdit-Api": "calls the ZhipuAI API (no network here)",
     "QLoRA": "needs bitsandbytes 4-bit kernels (CUDA)",
 }
-#: Editors whose edits the test suite runs through the plugin host, with the REVIVE invariant checked.
+#: Editors whose edits the test suite runs through the plugin host, with the REVIVE invariant checked (LEMoE, which
+#: the host passes through: its routing, frozen experts and checkpoint/resume, tests/test_lemoe.py).
 TESTED = {"source tree": ("MEMIT", "ROME", "FT", "AlphaEdit", "EMMET", "R-ROME", "PMET"),
-          "release": ("MEMIT", "ROME", "FT")}
+          "release": ("MEMIT", "ROME", "FT", "LEMoE")}
+#: Editors this package implements itself (not in easyeditor): name → (module, apply function, hparams class).
+#: ``enable_easyedit()`` adds them to ALG_DICT; ``hparams_classes`` always lists them, ``catalogue(own=True)`` too.
+OWN_EDITORS: dict[str, tuple[str, str, str]] = {
+    "LEMoE": ("revive_plugin.adapters.lemoe", "apply_lemoe_to_model", "LEMoEHyperParams"),
+}
+
+
+def own_editor(alg: str) -> Optional[tuple[Callable[..., Any], type]]:
+    """(apply function, hparams class) of an editor of OWN_EDITORS, else None."""
+    if alg not in OWN_EDITORS:
+        return None
+    module, apply, hparams = OWN_EDITORS[alg]
+    mod = importlib.import_module(module)
+    return getattr(mod, apply), getattr(mod, hparams)
 
 
 #: Editors that take one request per call (rank-one updates): harnesses feed them a batch request by request.
@@ -101,7 +120,8 @@ def _package(obj: Any) -> Optional[str]:
 
 
 def hparams_classes() -> dict[str, type]:
-    """ALG_DICT name → its hyperparameter class (the one in the same ``easyeditor.models.<pkg>``)."""
+    """ALG_DICT name → its hyperparameter class (the one in the same ``easyeditor.models.<pkg>``), and this
+    package's own editors (OWN_EDITORS) → theirs."""
     alg_dict = compat.import_easyeditor("easyeditor.util.alg_dict")
     classes = [v for v in vars(alg_dict).values()
                if isinstance(v, type) and "from_hparams" in vars(v) and _package(v) is not None]
@@ -112,16 +132,26 @@ def hparams_classes() -> dict[str, type]:
         matches = [c for c in classes if _package(c) == pkg]
         if len(matches) == 1:
             found[name] = matches[0]
+    for name in OWN_EDITORS:
+        found.setdefault(name, own_editor(name)[1])
     return found
 
 
-def catalogue() -> list[EditorInfo]:
-    """Every ALG_DICT entry of the easyeditor in use, in its order."""
-    alg_dict = compat.import_easyeditor("easyeditor.util.alg_dict")
+def _alg_dict_entries(own: bool) -> dict[str, Any]:
+    """ALG_DICT's entries; with ``own``, then this package's editors that are not in it (before enable_easyedit)."""
+    entries = dict(compat.import_easyeditor("easyeditor.util.alg_dict").ALG_DICT)
+    for name in OWN_EDITORS if own else ():
+        entries.setdefault(name, own_editor(name)[0])
+    return entries
+
+
+def catalogue(own: bool = False) -> list[EditorInfo]:
+    """Every ALG_DICT entry of the easyeditor in use, in its order (this package's editors among them once
+    enable_easyedit() has added them); ``own`` adds those not there yet."""
     tested = TESTED.get(compat.easyeditor_origin()["kind"], ())
     classes = hparams_classes()
     rows = []
-    for name, fn in alg_dict.ALG_DICT.items():
+    for name, fn in _alg_dict_entries(own).items():
         kind, does = KINDS.get(name, (WRITES_WEIGHTS, "not catalogued: treated as writing weights"))
         plugins = {WRITES_WEIGHTS: "filtered", ADDS_MODULES: "passed through (new parameters: nothing to filter)",
                    NO_WEIGHTS: "passed through (nothing to filter)"}[kind]
