@@ -4,7 +4,7 @@
 # SmolLM2 run. Without CUDA (or with DEVICE=cpu) it runs the same checks on the CPU, small ("CPU mode").
 #
 #   GPU machine (offline; the run tool): first, here, `bash scripts/device-bundle.sh` (writes wheels/), then
-#       run(command="bash scripts/device-check.sh", carry=["wheels"], timeout_s=540)
+#       run(command="bash scripts/device-check.sh", carry=["wheels/site-py312.tar.xz"], timeout_s=540)
 #   here:  bash scripts/device-check.sh                       # CPU mode, ~5 minutes on 2 busy cores
 #
 # Steps (each timed; a failing step does not stop the next; all statuses in $OUT/results.json):
