@@ -32,9 +32,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import yaml
 
@@ -76,6 +77,30 @@ class StudyRun:
         _, target = self.progress()
         return target is not None and self.reached(self.target_edits or target)
 
+    def state(self) -> str:
+        """finished, in progress or not started (from its directory)."""
+        return "finished" if self.finished() else ("not started" if self.progress()[1] is None else "in progress")
+
+    def status_line(self, width: int = 24) -> str:
+        done, target = self.progress()
+        return status_line(self.name, done, self.target_edits or target, self.state(), width)
+
+    def launch(self, stop_after: Optional[int], env: dict, cwd: Optional[Path] = None, tag: str = "study",
+               die_with_parent: bool = False) -> tuple[subprocess.Popen, Any]:
+        """Start :meth:`command` as a process logging to ``RUN_DIR/eval.log``; (process, open log).
+
+        ``die_with_parent`` (Linux): the run gets SIGTERM — and saves a checkpoint — if the process that started
+        it dies, instead of running on unseen (a Ray worker killed under a sweep).
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.run_dir / "eval.log").open("a")
+        cmd = self.command(stop_after=stop_after)
+        log.write(f"\n[{tag}] {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        log.flush()
+        preexec = _term_with_parent(os.getpid()) if die_with_parent and sys.platform.startswith("linux") else None
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd or Path.cwd(),
+                                preexec_fn=preexec), log
+
     def command(self, stop_after: Optional[int] = None) -> list[str]:
         """The `revive eval` command that starts or continues this run (pausing after ``stop_after`` edits)."""
         pause = ["--stop-after", str(stop_after)] if stop_after else []
@@ -92,6 +117,66 @@ class StudyRun:
         return cmd + pause
 
 
+def _term_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec_fn: SIGTERM to the child when ``parent`` dies (prctl PR_SET_PDEATHSIG; libc loaded before the fork)."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
+
+
+def status_line(name: str, done: int, target: Optional[int], state: str, width: int = 24) -> str:
+    """One line of a study's or sweep's status table."""
+    return f"  {name:<{width}} {done:>6} / {target or '?'} edits  {state}"
+
+
+def find_spec(path: str | Path, directory: Path, kind: str) -> Path:
+    """A study or sweep file: ``path`` itself, or a file shipped in ``directory`` (by name, with or without .yaml)."""
+    p = Path(path)
+    for candidate in (p, directory / p, directory / f"{p}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{kind} {path} not found (shipped: {sorted(x.stem for x in directory.glob('*.yaml'))})")
+
+
+def read_spec(p: Path, allowed: Sequence[str], kind: str) -> dict:
+    """The mapping in a study or sweep file, refusing settings not in ``allowed``."""
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{kind} file {p} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{kind} file {p} must be a mapping of settings, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"{p}: unknown {kind} setting(s) {unknown}; allowed: {', '.join(allowed)}")
+    return data
+
+
+def override_list(p: Path, key: str, value: Any, data_root: str) -> list[str]:
+    """A list of KEY=VALUE overrides from a study or sweep file, with {data_root} replaced."""
+    value = value or []
+    if not isinstance(value, list):
+        raise ValueError(f"{p}: {key} must be a list of KEY=VALUE overrides, got {value!r}")
+    return [str(x).replace("{data_root}", data_root) for x in value]
+
+
+@contextmanager
+def stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """SIGTERM and SIGINT (Ctrl-C) call ``handler`` while inside; the previous handlers come back after."""
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 @dataclass
 class Study:
     """A study file, resolved: output folder, runs, comparison groups."""
@@ -105,24 +190,10 @@ class Study:
 
     @classmethod
     def load(cls, path: str | Path, data_root: Optional[str] = None, output: Optional[str] = None) -> "Study":
-        p = Path(path)
-        for candidate in (p, STUDY_DIR / p, STUDY_DIR / f"{p}.yaml"):
-            if candidate.exists():
-                p = candidate
-                break
-        else:
-            raise FileNotFoundError(f"study {path} not found (shipped: {sorted(x.stem for x in STUDY_DIR.glob('*.yaml'))})")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"study file {p} is not valid YAML: {e}") from e
-        allowed = ("name", "output", "parallel", "stages", "data_root", "common", "runs", "compare")
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise ValueError(f"{p}: unknown study setting(s) {unknown}; allowed: {', '.join(allowed)}")
-        common = data.get("common") or []
-        if not isinstance(common, list):
-            raise ValueError(f"{p}: common must be a list of KEY=VALUE overrides given to every run, got {common!r}")
+        p = find_spec(path, STUDY_DIR, "study")
+        data = read_spec(p, ("name", "output", "parallel", "stages", "data_root", "common", "runs", "compare"), "study")
+        root = data_root or data.get("data_root") or "../shared/data"
+        common = override_list(p, "common", data.get("common"), root)
         stages = data.get("stages") or []
         if not isinstance(stages, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in stages) \
                 or stages != sorted(set(stages)):
@@ -130,7 +201,6 @@ class Study:
         runs_data = data.get("runs")
         if not isinstance(runs_data, dict) or not runs_data:
             raise ValueError(f"{p}: 'runs' must map run names to {{config: NAME, set: [KEY=VALUE, ...]}}")
-        root = data_root or data.get("data_root") or "../shared/data"
         out = Path(output or data.get("output") or f"runs/{data.get('name', p.stem)}")
         parallel = data.get("parallel", 1)
         if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
@@ -139,7 +209,7 @@ class Study:
         for name, spec in runs_data.items():
             if not isinstance(spec, dict) or "config" not in spec or set(spec) - {"config", "set"}:
                 raise ValueError(f"{p}: run {name!r} must be {{config: NAME, set: [KEY=VALUE, ...]}}, got {spec!r}")
-            overrides = [str(x).replace("{data_root}", root) for x in [*common, *(spec.get("set") or [])]]
+            overrides = [*common, *override_list(p, f"runs.{name}.set", spec.get("set"), root)]
             runs[name] = StudyRun(name, spec["config"], overrides, out / name)
         groups = data.get("compare") or {}
         for group, members in groups.items():
@@ -149,12 +219,7 @@ class Study:
         return cls(data.get("name", p.stem), out, parallel, stages, runs, groups)
 
     def status(self) -> str:
-        lines = []
-        for r in self.runs.values():
-            done, target = r.progress()
-            state = "finished" if r.finished() else ("not started" if target is None else "in progress")
-            lines.append(f"  {r.name:<24} {done:>6} / {r.target_edits or target or '?'} edits  {state}")
-        return "\n".join(lines)
+        return "\n".join(r.status_line() for r in self.runs.values())
 
     def write_comparisons(self) -> list[Path]:
         """Compare each group whose runs all have metrics; returns the comparison files written."""
@@ -201,8 +266,7 @@ def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 2.0)
         for proc, _, _ in running.values():
             proc.send_signal(signal.SIGTERM)  # each run saves a checkpoint and exits
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_signals(stop):
         while pending or running:
             while not stopping and len(running) < study.parallel:
                 # The next task whose run is idle; a run's later stage waits for its earlier one.
@@ -213,14 +277,9 @@ def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 2.0)
                 r, stage = ready
                 if _reached(r, stage):
                     continue
-                r.run_dir.mkdir(parents=True, exist_ok=True)
-                log = (r.run_dir / "eval.log").open("a")
-                cmd = r.command(stop_after=stage)
-                log.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-                log.flush()
-                print(f"[study] {r.name}: {' '.join(cmd[2:])} (log {r.run_dir / 'eval.log'})", flush=True)
-                running[r.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                    cwd=Path.cwd()), log, stage)
+                proc, log = r.launch(stage, env)
+                print(f"[study] {r.name}: {' '.join(proc.args[2:])} (log {r.run_dir / 'eval.log'})", flush=True)
+                running[r.name] = (proc, log, stage)
             if (stopping or not any(t[0].name not in failed for t in pending)) and not running:
                 break
             time.sleep(poll_seconds if not stopping else 1.0)
@@ -236,9 +295,6 @@ def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 2.0)
                 if not ok and not stopping:
                     failed.append(name)
                 study.write_comparisons()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     study.write_comparisons()
     print(study.status(), flush=True)
     if stopping:
