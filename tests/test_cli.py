@@ -17,7 +17,8 @@ from revive_plugin.cli import build_parser, main
 from revive_plugin.eval.harness import CONFIG_DIR
 
 SHIPPED_MEMIT = Path(demo.DEFAULT_HPARAMS)
-COMMANDS = ("plugins", "editors", "prepare-model", "edit-stats", "demo", "eval", "calibrate", "study", "compare")
+COMMANDS = ("plugins", "editors", "prepare-model", "edit-stats", "demo", "eval", "calibrate", "study", "sweep",
+            "compare")
 
 
 def help_text(capsys, *argv: str) -> str:
@@ -95,6 +96,7 @@ def test_every_argument_of_every_command_has_help():
     ("calibrate", "revive calibrate smollm2-memit --data ../shared/data/counterfact/counterfact.json.gz"),
     ("calibrate", "--grid 'run.transforms=[[],[revive]]'"),
     ("study", "revive study length --status"),
+    ("sweep", "RAY_ADDRESS=ray://head:10001 revive sweep"),
 ])
 def test_calibrate_and_study_help_have_an_example(capsys, command, example):
     out = help_text(capsys, command)
