@@ -209,13 +209,20 @@ def test_sigterm_to_revive_sweep_checkpoints_its_runs_and_the_next_call_finishes
     proc = subprocess.Popen([sys.executable, "-m", "revive_plugin.cli", "sweep", str(path), "--local-cpus", "1",
                              "--no-progress"], cwd=workspace, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    first = workspace / "killed" / POINTS[0]
-    state = first / "checkpoint" / "state.json"
+    def started():  # the point Ray ran first (either), once it has a checkpoint
+        for name in POINTS:
+            state = workspace / "killed" / name / "checkpoint" / "state.json"
+            try:
+                if json.loads(state.read_text())["edits_done"] >= 1:
+                    return workspace / "killed" / name
+            except (OSError, ValueError):
+                pass  # not there yet, or being written
+        return None
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (
-            state.exists() and json.loads(state.read_text())["edits_done"] >= 1):
+    while time.time() < deadline and proc.poll() is None and started() is None:
         time.sleep(0.2)
-    assert state.exists(), proc.communicate()[0]
+    first = started()
+    assert first is not None, proc.communicate()[0]
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, out
