@@ -336,8 +336,19 @@ def locality_argmax(model: Any, tok: Any, cases: Sequence[Any]) -> dict[str, lis
     return out
 
 
+#: Set by SIGTERM: the run stops before its next edit step even where the KeyboardInterrupt raised in the handler
+#: was swallowed (delivered inside a C callback, e.g. matplotlib's, Python prints "Exception ignored" and goes on).
+_TERM_REQUESTED = threading.Event()
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    _TERM_REQUESTED.set()
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_if_terminated() -> None:
+    if _TERM_REQUESTED.is_set():
+        raise KeyboardInterrupt("SIGTERM received earlier (its interrupt was swallowed where it arrived)")
 
 
 def _sigterm_as_interrupt() -> Any:
@@ -1058,6 +1069,7 @@ class Run:
         if note:
             print(f"[revive] {self.run_dir}: {note}")
         previous_term = _sigterm_as_interrupt()
+        _TERM_REQUESTED.clear()
         try:
             return self._execute(stop_after)
         except BaseException:
@@ -1067,6 +1079,7 @@ class Run:
         finally:
             if previous_term is not None:
                 signal.signal(signal.SIGTERM, previous_term)
+            _TERM_REQUESTED.clear()
 
     def _execute(self, stop_after: Optional[int]) -> Path:
         from revive_plugin.adapters.compat import import_easyeditor
@@ -1156,6 +1169,7 @@ class Run:
                 batch = cases[done: min(done + cfg.batch_size, target)]
                 requests = [c.to_request() for c in batch]
                 for group in request_groups(hp.alg_name, requests):  # ROME-style editors: one per call
+                    _stop_if_terminated()
                     first_step = host.step
                     with contextlib.redirect_stdout(io.StringIO()):
                         editor.apply_algo(model, tok, group, hp, copy=False, return_orig_weights=False,

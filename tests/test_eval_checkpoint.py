@@ -371,3 +371,31 @@ def test_a_start_that_fails_before_its_first_checkpoint_removes_what_it_created(
         assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]  # what was there before is kept
     else:
         assert not run_dir.exists()
+
+
+def test_a_sigterm_swallowed_where_it_arrived_still_stops_the_run(workspace, tmp_path, monkeypatch, capsys):
+    """SIGTERM delivered inside a C callback (matplotlib's, say) prints "Exception ignored" and the code goes on:
+    the run must still stop before its next edit step, with a checkpoint at the last completed one."""
+    cfg = lean_config(workspace, tmp_path, "swallowed", eval_every=2, edits=6)
+    path = tmp_path / "swallowed.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    from revive_plugin.eval import report
+
+    original = report.write_report
+    calls = {"n": 0}
+
+    def report_swallowing_sigterm(run_dir, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the report after the checkpoint at 2 edits (the first one the loop writes)
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            except KeyboardInterrupt:
+                pass  # what a C callback does with it
+        return original(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(report, "write_report", report_swallowing_sigterm)
+    run_dir = tmp_path / "swallowed"
+    assert main(["eval", str(path), "--output", str(run_dir)]) == 130
+    assert "interrupted at 2 edits; checkpoint saved" in capsys.readouterr().out
+    assert json.loads((run_dir / "checkpoint" / "state.json").read_text())["edits_done"] == 2
+    assert not harness._TERM_REQUESTED.is_set()  # a later run in this process is not stopped by it
