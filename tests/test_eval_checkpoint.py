@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from test_eval_harness import TINY_MEMIT, rows
+from test_eval_harness import TINY_MEMIT, interrupt_editor_call, rows
 
 from revive_plugin.adapters import easyedit
 from revive_plugin.cli import main
@@ -289,23 +289,13 @@ def test_sigterm_mid_run_saves_a_checkpoint_and_resume_completes(workspace, tmp_
     cfg = lean_config(workspace, tmp_path, "terminated", eval_every=4)
     path = tmp_path / "terminated.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
-    calls = {"n": 0}
-    original = easyedit._wrap_apply
 
-    def terminating(alg, fn):
-        wrapped = original(alg, fn)
+    def terminate():  # the second edit step: a scheduler or `kill` ends the sitting
+        # Only with the harness's handler installed: the default one would end the test process.
+        assert signal.getsignal(signal.SIGTERM) is harness._raise_interrupt
+        os.kill(os.getpid(), signal.SIGTERM)
 
-        def apply(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 2:  # the second edit step: a scheduler or `kill` ends the sitting
-                # Only with the harness's handler installed: the default one would end the test process.
-                assert signal.getsignal(signal.SIGTERM) is harness._raise_interrupt
-                os.kill(os.getpid(), signal.SIGTERM)
-            return wrapped(*args, **kwargs)
-        apply.__revive_wrapped__ = fn
-        return apply
-
-    monkeypatch.setattr(easyedit, "_wrap_apply", terminating)
+    original = interrupt_editor_call(monkeypatch, 2, terminate)
     run_dir = tmp_path / "terminated"
     assert main(["eval", str(path), "--output", str(run_dir)]) == 130
     assert "interrupted at 2 edits; checkpoint saved" in capsys.readouterr().out

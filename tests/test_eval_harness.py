@@ -103,23 +103,34 @@ def test_schedule_resume_equals_uninterrupted(run_config):
     assert (resumed / "summary.md").exists() and (resumed / "spectral.png").exists()
 
 
-def test_ctrl_c_leaves_a_usable_checkpoint(run_config, monkeypatch):
-    run = Run.start(run_config("interrupted", edits=4, eval_every=4))
-    calls = {"n": 0}
-    original = easyedit._wrap_apply
+def _keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
 
-    def interrupting(alg, fn):
+
+def interrupt_editor_call(monkeypatch, n, interrupt=_keyboard_interrupt):
+    """The n-th editor call through the adapter runs ``interrupt`` first (default: Ctrl-C); returns the adapter's
+    own ``_wrap_apply`` to put back."""
+    original = easyedit._wrap_apply
+    calls = {"n": 0}
+
+    def wrap(alg, fn):
         wrapped = original(alg, fn)
 
         def apply(*args, **kwargs):
             calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
+            if calls["n"] == n:
+                interrupt()
             return wrapped(*args, **kwargs)
         apply.__revive_wrapped__ = fn
         return apply
 
-    monkeypatch.setattr(easyedit, "_wrap_apply", interrupting)
+    monkeypatch.setattr(easyedit, "_wrap_apply", wrap)
+    return original
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(run_config, monkeypatch):
+    run = Run.start(run_config("interrupted", edits=4, eval_every=4))
+    original = interrupt_editor_call(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run.execute()
     state = json.loads((run.run_dir / "checkpoint" / "state.json").read_text())

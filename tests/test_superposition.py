@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from test_easyedit import MEMIT, editor_for, load, write_hparams
-from test_eval_harness import lean, rows, run_config  # noqa: F401  (run_config is a fixture)
+from test_eval_harness import interrupt_editor_call, lean, rows, run_config  # noqa: F401  (run_config is a fixture)
 
 from revive_plugin import EditRejected, PluginHost, get_plugin_manager, hookimpl
 from revive_plugin.adapters import easyedit
@@ -461,21 +461,7 @@ def test_harness_rows_hold_the_monitor_means_and_survive_ctrl_c(run_config, monk
     # Ctrl-C after the third edit (mid-window): the checkpoint keeps that step's metrics and the monitor's keys.
     easyedit.disable_easyedit()
     run = Run.start(config("sup-interrupted"))
-    calls = {"n": 0}
-    original = easyedit._wrap_apply
-
-    def interrupting(alg, fn):
-        wrapped = original(alg, fn)
-
-        def apply(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 4:
-                raise KeyboardInterrupt
-            return wrapped(*args, **kwargs)
-        apply.__revive_wrapped__ = fn
-        return apply
-
-    monkeypatch.setattr(easyedit, "_wrap_apply", interrupting)
+    original = interrupt_editor_call(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run.execute()
     state = json.loads((run.run_dir / "checkpoint" / "state.json").read_text())
