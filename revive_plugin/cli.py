@@ -105,7 +105,7 @@ def cmd_editors(args: argparse.Namespace) -> int:
     from .adapters.editors import catalogue
 
     origin = easyeditor_origin()
-    rows = catalogue()
+    rows = catalogue(own=True)  # with this package's own editors (LEMoE), as enable_easyedit() adds them
     if args.json:
         print(json.dumps({"easyeditor": origin, "editors": [dataclasses.asdict(r) for r in rows]}, indent=2))
         return 0

@@ -303,6 +303,7 @@ def test_revive_editors_on_the_release(capsys):
     out = capsys.readouterr().out
     assert "easyeditor: release 0.0.1.dev0" in out
     assert all(f"| {name} |" in out for name in alg_dict)
+    assert "| LEMoE | adds modules |" in out  # this package's own editor, listed before enable_easyedit() adds it
 
 
 def test_a_source_tree_is_chosen_before_easyeditor_is_imported(tmp_path, monkeypatch):
