@@ -15,6 +15,17 @@ def tiny_model_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture
+def enabled(tmp_path, monkeypatch):
+    """enable_easyedit() on the CPU with a fresh $REVIVE_CACHE for the test; disabled afterwards."""
+    from revive_plugin.adapters import easyedit
+
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    easyedit.enable_easyedit(device="cpu")
+    yield
+    easyedit.disable_easyedit()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """The tiny model gains nothing from threads, and on a busy 2-core box they make it 10x slower.

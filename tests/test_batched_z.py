@@ -7,7 +7,7 @@ from revive_plugin.adapters import compat, easyedit
 from revive_plugin.adapters.compat import import_easyeditor
 from revive_plugin.adapters.models import load_model
 
-from test_easyedit import MEMIT, editor_for, edited_weights, enabled, load, write_hparams  # noqa: F401
+from test_easyedit import MEMIT, editor_for, edited_weights, load, write_hparams
 
 TEMPLATES = [["{}"], ["The day began. {}", "I think that {}"]]
 REQUESTS = [

@@ -42,14 +42,6 @@ REQUEST = dict(prompts=["The mother tongue of Danielle Darrieux is"], target_new
 REQUEST2 = dict(prompts=["The capital of Italy is"], target_new=["Paris"], ground_truth=["Rome"], subject=["Italy"])
 
 
-@pytest.fixture
-def enabled(tmp_path, monkeypatch):
-    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
-    easyedit.enable_easyedit(device="cpu")
-    yield
-    easyedit.disable_easyedit()
-
-
 def write_hparams(tmp_path, base, model_dir, **extra):
     cfg = {**base, "model_name": str(model_dir), **extra}
     p = tmp_path / f"{base['alg_name']}.yaml"

@@ -29,14 +29,6 @@ UNRELATED = ["Review : a great and moving film", "The capital of Italy is", "The
              "Is this sentence linguistically acceptable? Answer: Yes"]
 
 
-@pytest.fixture
-def enabled(tmp_path, monkeypatch):
-    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
-    easyedit.enable_easyedit(device="cpu")
-    yield
-    easyedit.disable_easyedit()
-
-
 def write_hparams(tmp_path, model_dir, **extra):
     path = tmp_path / "lemoe.yaml"
     path.write_text(yaml.safe_dump({**LEMOE, "model_name": str(model_dir), **extra}))
