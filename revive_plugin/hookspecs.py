@@ -23,6 +23,7 @@ step*. The host snapshots the weights the editor may write (its own copy, never 
 the editor, and for every changed 2-D weight takes ΔW = W_after − W_before. Then, in order:
 
 0. ``easyedit_validate_config`` — each present plugin block, with the step's target weights;
+   then ``easyedit_select_layers`` where the driver lets plugins choose the step's layers (see "Layers of a step");
 1. ``easyedit_edit_step_start`` — before the editor runs (weights still W_before);
 2. ``easyedit_transform_delta`` — once per changed weight, as a *chain* (below);
 3. the host writes W_before + ΔW_final into the model;
@@ -68,6 +69,29 @@ weight-editing EasyEdit editor (see ``revive_plugin.adapters.keys`` for the exac
 own prompt, no context templates; a request whose subject is not in its prompt uses the prompt's last
 token). ``context.keys(name)`` raises ``KeyError`` for a name that is not a 2-D target of the step.
 
+Layers of a step
+----------------
+A plugin may choose which layers an edit step writes, per step, instead of the fixed ``layers`` of the
+editor's hparams (e.g. the ``wilke`` plugin: the layer whose FFN best matches the request's subject). Two hooks:
+
+* ``easyedit_layer_candidates`` — called only on the plugin registered under ``name`` when its block is
+  present: the layers it may choose among. The layers a step *may* write are the editor's ``layers`` and every
+  such candidate: the driver snapshots all of them, hands all of them to ``easyedit_validate_config`` (as
+  ``targets``) and ``easyedit_edit_step_start`` (so a plugin caching W₀, as REVIVE does, sees every candidate
+  layer unedited at the first step, whichever step first writes it), and checkpoints all of them.
+* ``easyedit_select_layers`` — called after ``easyedit_validate_config`` and before
+  ``easyedit_edit_step_start`` (the weights are still W_before), with those candidate layers, on the plugins
+  whose block is present only. The first of them (pluggy's call order) that returns a list decides: the editor
+  then runs with ``layers`` set to it for this step only (restored after the step, also when it fails). None
+  from every plugin: the editor's own layers.
+
+``revive_plugin.adapters.easyedit`` calls them for every EasyEdit editor whose hparams have ``layers``; a
+``PluginHost`` driven directly does so through ``PluginHost.select_layers``. ``easyedit_select_layers`` gets
+``trial``: ``trial(layers) -> {name: ΔW}``, the deltas (out×in) the editor itself would write to each 2-D weight
+with ``layers`` set to the given list, run on the model as it is now and then undone bit for bit (weights,
+random-number state and the editor's own accumulated state; no plugin sees a trial). It costs one editor run per
+call.
+
 Isolation and failures
 ----------------------
 The host's snapshot of W_before is its own: no hook ever receives it. ``easyedit_transform_delta`` gets
@@ -78,7 +102,9 @@ every weight restored to W_before. If any implementation raises, returns a tenso
 non-finite delta, the host restores every weight of the step to W_before exactly and raises
 ``EditRejected`` naming the plugin (and the parameter, for transforms). A block refused by
 ``easyedit_validate_config`` raises ``ValueError`` at load time, ``EditRejected`` at an edit step (before
-the editor ran: the weights are untouched).
+the editor ran: the weights are untouched). So does ``easyedit_select_layers`` when it raises or returns
+something other than a non-empty list of candidate layers, or when a weight differs after it (a trial that
+was not undone): every weight is restored first.
 """
 from __future__ import annotations
 
@@ -186,6 +212,58 @@ def easyedit_edit_step_end(
     :return: metrics to log for this step, e.g. ``{"revive/model.layers.4.mlp.down_proj.weight/k": 12}``,
         or None. The host merges the dicts of all plugins.
     :raises: anything: the step is refused (``EditRejected`` naming the plugin) and every weight restored.
+    """
+
+
+@hookspec
+def easyedit_layer_candidates(
+    name: str, config: Any, editor: Optional[str], layers: Optional[Sequence[int]]
+) -> Optional[Sequence[int]]:
+    """The layers this plugin may choose for an edit step through ``easyedit_select_layers``.
+
+    Called only on the plugin registered under ``name``, and only when its block is present: when the hparams
+    load and whenever the driver needs the weights a step may write (before each step, for checkpoints). The
+    step's targets are then the editor's rewrite templates × (``layers`` ∪ the returned layers); a layer the
+    model does not have selects no weight (check it in ``easyedit_validate_config``, whose ``targets`` are
+    those weights).
+
+    :param name: the plugin's name (= the block's key).
+    :param config: the block as written (not yet through ``easyedit_validate_config``).
+    :param editor: the editor's name, or None when unknown.
+    :param layers: the editor's own ``layers`` (its hparams), or None when it has none.
+    :return: layer indices (ints ≥ 0), or None for none beyond the editor's own.
+    :raises ValueError: the block does not say which layers (the host adds the block's name).
+    """
+
+
+@hookspec(firstresult=True)
+def easyedit_select_layers(
+    editor: str,
+    requests: Optional[Sequence[Mapping[str, Any]]],
+    layers: Sequence[int],
+    context: EditContext,
+    weights: Mapping[str, torch.Tensor],
+    trial: Optional[Callable[[Sequence[int]], Mapping[str, torch.Tensor]]],
+) -> Optional[Sequence[int]]:
+    """Choose the layers this edit step writes, before the editor runs (see "Layers of a step" above).
+
+    Called only on plugins whose block is present (``context.configs``), in pluggy's call order, until one
+    returns a list.
+
+    :param editor: the editor's name (``alg_name``).
+    :param requests: the step's requests as the editor receives them (``prompt``, ``subject``,
+        ``target_new``, …); read them, do not change them. None when the driver does not know them.
+    :param layers: the candidate layers, sorted: the editor's own ``layers`` and every layer a present plugin
+        returned from ``easyedit_layer_candidates``. Their weights are ``context.keys``' names.
+    :param context: the step's ``EditContext`` (``layer`` is None); ``context.keys`` gives the requests' keys at
+        every candidate weight, on W_before.
+    :param weights: the 2-D weights of every candidate layer, by parameter name, out×in, as they are now (W_before):
+        read-only views of the live model (a weight that differs after the call refuses the step).
+    :param trial: ``trial(layers) -> {parameter name: ΔW}``: what the editor alone would write with ``layers``
+        (a subset of the candidates), undone after; None when the driver cannot run the editor on trial.
+    :return: the layers to write (a non-empty subset of ``layers``), or None to leave the choice to the next
+        plugin and finally to the editor's own ``layers``.
+    :raises: anything: the step is refused (``EditRejected`` naming the plugin), the weights untouched.
     """
 
 

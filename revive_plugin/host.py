@@ -348,6 +348,72 @@ class PluginHost:
                 )
         return results
 
+    # -- the layers of a step ---------------------------------------------------------------------
+    def select_layers(
+        self,
+        editor: str,
+        targets: Sequence[TargetWeight],
+        layers: Sequence[int],
+        configs: Optional[Mapping[str, Any]] = None,
+        requests: Optional[Sequence[Mapping[str, Any]]] = None,
+        keys: Optional[KeyProvider] = None,
+        trial: Optional[Callable[[Sequence[int]], Mapping[str, torch.Tensor]]] = None,
+    ) -> Optional[list[int]]:
+        """The layers the next edit step writes, as the first ``easyedit_select_layers`` implementation (of a
+        plugin whose block is in ``configs``) that returns a list chose them (sorted, without repeats), or None
+        when none did (the editor's own layers).
+
+        ``targets`` are the weights the step may write (every candidate layer's), ``layers`` the candidate
+        layers; ``configs`` the step's plugin blocks, already validated. Called before ``run_step``, with the
+        weights at W_before: a weight that differs after a plugin's call (a trial not undone), a plugin that
+        raises or returns anything but a non-empty subset of ``layers`` refuse the step (``EditRejected``) with
+        every target restored to what it was.
+        """
+        configs = dict(configs or {})
+        impls = [i for i in hook_impls(self.pm, "easyedit_select_layers") if i.plugin_name in configs]
+        if not impls:  # a plugin without its block does nothing: no snapshot either
+            return None
+        candidates = sorted({int(layer) for layer in layers})
+        before = {t.name: t.tensor.detach().clone() for t in targets}
+        matrices = [t.name for t in targets if t.tensor.ndim == 2]
+        step_keys = StepKeys(keys, matrices, before) if keys is not None else None
+        ctx = EditContext(editor=editor, step=self.step, configs=configs, state=self.state, keys=step_keys)
+        live = types.MappingProxyType({t.name: t.view(t.tensor.detach()) for t in targets if t.tensor.ndim == 2})
+        try:
+            for impl in impls:
+                plugin = impl.plugin_name
+                try:
+                    out = self._call(impl.function, editor=editor, requests=requests, layers=list(candidates),
+                                     context=ctx, weights=live, trial=trial)
+                except Exception as e:
+                    raise EditRejected(f"plugin {plugin!r} failed in easyedit_select_layers at edit step {self.step} of "
+                                       f"{editor} (weights untouched): {type(e).__name__}: {e}") from e
+                moved = [t.name for t in targets if not _same(t.tensor, before[t.name])]
+                if moved:
+                    raise EditRejected(f"the weights {moved} changed during plugin {plugin!r}'s easyedit_select_layers "
+                                       f"at edit step {self.step} of {editor} (a trial that was not undone?); they "
+                                       "were restored and the step refused")
+                if out is None:
+                    continue
+                if isinstance(out, (str, bytes)) or not isinstance(out, Sequence) or not out or any(
+                        isinstance(x, bool) or not isinstance(x, int) for x in out):
+                    raise EditRejected(f"plugin {plugin!r} returned {out!r} from easyedit_select_layers; expected a "
+                                       f"non-empty list of layer indices among the candidates {candidates}")
+                outside = sorted(set(out) - set(candidates))
+                if outside:
+                    raise EditRejected(f"plugin {plugin!r} chose layers {outside} for edit step {self.step} of {editor}, "
+                                       f"which are not candidates {candidates}: the step cannot write them")
+                return sorted(set(out))
+            return None
+        except BaseException:
+            with torch.no_grad():
+                for t in targets:
+                    t.tensor.data.copy_(before[t.name])
+            raise
+        finally:
+            if step_keys is not None:
+                step_keys.close()
+
     # -- one edit step ---------------------------------------------------------------------------
     def run_step(
         self,
