@@ -48,6 +48,7 @@ from revive_plugin.host import (
 from . import compat
 from .editors import OWN_EDITORS, hparams_classes, own_editor, passes_through
 from .keys import request_keys
+from .layers import choose_layers, with_candidates
 from .models import load_model
 
 #: Attribute of an EasyEdit hparams object holding the popped plugin blocks.
@@ -127,10 +128,13 @@ def rewrite_templates(settings: Any) -> list[str]:
     return [one] if isinstance(one, str) and one else []
 
 
-def written_matrices(settings: Mapping[str, Any]) -> Optional[list[str]]:
+def written_matrices(settings: Mapping[str, Any], blocks: Optional[Mapping[str, Any]] = None) -> Optional[list[str]]:
     """Names of the weights an editor with these hparams writes (rewrite templates × ``layers``, as
-    ``target_weights`` selects them), or None when the hparams do not say."""
+    ``target_weights`` selects them; with plugin ``blocks``, also the layers their plugins may choose), or None
+    when the hparams do not say."""
     templates, layers = rewrite_templates(settings), settings.get("layers")
+    if blocks:
+        layers = with_candidates(_plugin_manager(), blocks, settings.get("alg_name"), layers)
     if not templates or not isinstance(layers, (list, tuple)) or not layers:
         return None
     try:
@@ -191,7 +195,11 @@ def split_plugin_blocks(
     pm = _plugin_manager()
     loaded, installed = _loaded(pm), installed_plugins()
     editor = editor if editor is not None else config.get("alg_name")
-    targets = targets if targets is not None else written_matrices(config)
+    if targets is None:
+        try:
+            targets = written_matrices(config, {k: v for k, v in config.items() if k in loaded})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
     rest = {k: v for k, v in config.items() if k not in loaded and k not in installed and k not in HOST_BLOCKS}
     blocks = {k: v for k, v in config.items() if k in loaded or k in HOST_BLOCKS}
     inactive = sorted(k for k in config if k in installed and k not in loaded and k not in HOST_BLOCKS)
@@ -247,9 +255,13 @@ def attach_plugin_configs(hparams: Any, **blocks: Any) -> Any:
     current = dict(getattr(hparams, PLUGIN_CONFIGS_ATTR, {}) or {})
     settings = {"rewrite_module_tmp": getattr(hparams, "rewrite_module_tmp", None),
                 "rewrite_module_tmps": getattr(hparams, "rewrite_module_tmps", None),
-                "layers": getattr(hparams, "layers", None)}
+                "layers": getattr(hparams, "layers", None), "alg_name": getattr(hparams, "alg_name", None)}
+    try:
+        targets = written_matrices(settings, {**current, **blocks})
+    except ValueError as e:
+        raise ValueError(f"{type(hparams).__name__}: {e}") from e
     _, checked = split_plugin_blocks(blocks, source=type(hparams).__name__, fields=(),
-                                     editor=getattr(hparams, "alg_name", None), targets=written_matrices(settings))
+                                     editor=getattr(hparams, "alg_name", None), targets=targets)
     current.update(checked)
     setattr(hparams, PLUGIN_CONFIGS_ATTR, current)
     return hparams
@@ -287,11 +299,20 @@ def _wrap_from_hparams(cls: type) -> None:
 
 
 # -- editors: the snapshot-diff step -------------------------------------------------------------------
-def target_weights(model: torch.nn.Module, hparams: Any) -> list[TargetWeight]:
-    """The live parameters an editor may write: those under its rewrite templates for ``hparams.layers``,
-    else every parameter. GPT-2 ``Conv1D`` weights are marked transposed (stored in×out)."""
-    templates = rewrite_templates(hparams)
+def step_layers(hparams: Any) -> Any:
+    """The layers an edit step with ``hparams`` may write: ``hparams.layers`` and every layer a plugin whose block
+    is present may choose for it (``easyedit_layer_candidates``; see ``adapters/layers.py``)."""
+    configs = getattr(hparams, PLUGIN_CONFIGS_ATTR, None) or {}
     layers = getattr(hparams, "layers", None)
+    return with_candidates(_plugin_manager(), configs, getattr(hparams, "alg_name", None), layers) if configs else layers
+
+
+def target_weights(model: torch.nn.Module, hparams: Any) -> list[TargetWeight]:
+    """The live parameters an editor may write: those under its rewrite templates for ``step_layers(hparams)``
+    (its ``layers`` and the candidate layers of layer-choosing plugins), else every parameter. GPT-2 ``Conv1D``
+    weights are marked transposed (stored in×out)."""
+    templates = rewrite_templates(hparams)
+    layers = step_layers(hparams)
     owners = {}
     for mod_name, module in model.named_modules():
         for p_name, _ in module.named_parameters(recurse=False):
@@ -548,8 +569,9 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                 kwargs["copy"] = False
             main = editor_module(apply_fn)
             _prime_context_templates(main, model, tok, hparams)
-            projector = _prepare_null_space(main, model, tok, hparams) if _feed_statistics(
-                main, model, tok, hparams) else None
+            with _setting(hparams, "layers", step_layers(hparams)):  # statistics of every layer the step may write
+                fed = _feed_statistics(main, model, tok, hparams)
+            projector = _prepare_null_space(main, model, tok, hparams) if fed else None
             host = host_for(model)
             order = (configs.get(HOST_BLOCK) or {}).get("order")
             # context.keys: computed only if a plugin asks (prompts and subjects read now, before the editor runs).
@@ -567,11 +589,18 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                         stack.enter_context(_revive_in_loop(alg, main, host, targets))
                     return apply_fn(model, tok, requests, hparams, *args, **kwargs)
 
+            def bare(reqs: Any) -> Any:  # the editor alone, for easyedit_select_layers' trials
+                z_options = configs.get(BATCHED_Z_BLOCK)
+                with batched_compute_z(reqs, **z_options, main=main) if z_options else contextlib.nullcontext():
+                    return apply_fn(model, tok, reqs, hparams, *args, **kwargs)
+
             keys_before = main.cache_c.clone() if projector else None
             try:
                 with _setting(hparams, "P_loc", projector):
-                    result, _ = host.run_step(alg, target_weights(model, hparams), run, configs=configs, order=order,
-                                              keys=keys)
+                    chosen = choose_layers(host, _plugin_manager(), alg, hparams, configs, targets, requests, keys,
+                                           bare, main=main, projector=projector)
+                    with _setting(hparams, "layers", chosen):  # this step only, restored also on failure
+                        result, _ = host.run_step(alg, targets, run, configs=configs, order=order, keys=keys)
             except BaseException:
                 if keys_before is not None:  # a rolled-back step leaves AlphaEdit's accumulated keys as they were
                     main.cache_c = keys_before
