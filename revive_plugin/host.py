@@ -30,6 +30,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "rect": "revive_plugin.plugins.rect",    # baselines: pure ΔW transforms that stack with REVIVE
     "prune": "revive_plugin.plugins.prune",
     "superposition": "revive_plugin.plugins.superposition",  # monitor: logs metrics, never changes a delta
+    "wilke": "revive_plugin.plugins.wilke",  # chooses the layer each ROME-style step writes (easyedit_select_layers)
 }
 
 #: Comma-separated plugin names: only these load (empty: none). Unset: every discovered plugin loads.
