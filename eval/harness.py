@@ -224,8 +224,16 @@ def use_easyedit_source(path: Optional[str]) -> None:
     root = Path(path).expanduser()
     if not root.is_absolute() and not root.exists():
         root = PACKAGE_ROOT / root
+    before = os.environ.get(SOURCE_ENV)
     os.environ[SOURCE_ENV] = str(root.resolve())
-    import_easyeditor("easyeditor")  # checks the folder and that no other easyeditor is loaded
+    try:
+        import_easyeditor("easyeditor")  # checks the folder and that no other easyeditor is loaded
+    except ImportError:  # a refused choice leaves the process as it was
+        if before is None:
+            del os.environ[SOURCE_ENV]
+        else:
+            os.environ[SOURCE_ENV] = before
+        raise
 
 
 def check_monitors(monitors: Sequence[str]) -> None:

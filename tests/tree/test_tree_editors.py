@@ -42,6 +42,13 @@ def load(alg, path):
     return hparams_classes()[alg].from_hparams(str(path))
 
 
+def test_the_shipped_alphaedit_hparams_load_with_their_revive_block(enabled):
+    path = Path(__file__).resolve().parents[2] / "hparams" / "AlphaEdit" / "smollm2-135m.yaml"
+    hp = hparams_classes()["AlphaEdit"].from_hparams(str(path))
+    assert hp.plugin_configs["revive"] == {"tau": 0.1, "basis": "original"} and hp.layers == [4, 5, 6, 7, 8]
+    assert hp.plugin_configs["batched_z"] == {"chunk": 16, "early_exit": True}
+
+
 def test_the_session_uses_the_tree():
     origin = compat.easyeditor_origin()
     assert origin["kind"] == "source tree"
