@@ -96,3 +96,13 @@ def random_model_like(source, target, seed: int = 0):
     model.save_pretrained(target, safe_serialization=True)
     AutoTokenizer.from_pretrained(source).save_pretrained(target)
     return target
+
+
+def save_tiny_llama(directory, **config):
+    """The tiny random LLaMA (``config``: ``tiny_llama``'s arguments) and its tokenizer saved as a local model
+    directory, as easyeditor loads one; returns ``directory``."""
+    tok = tiny_tokenizer(add_bos=False)
+    tok.unk_token = "<pad>"  # easyeditor's FT masks targets with `!= tok.unk_token_id`
+    tiny_llama(vocab_size=len(tok), seed=0, **config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory

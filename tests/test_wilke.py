@@ -19,7 +19,7 @@ from revive_plugin import EditRejected, PluginHost, get_plugin_manager, hookimpl
 from revive_plugin.adapters import easyedit
 from revive_plugin.adapters.layers import candidate_layers, choose_layers, make_trial, with_candidates
 from revive_plugin.eval.harness import Run, RunConfig
-from revive_plugin.eval.testing import tiny_llama, tiny_tokenizer
+from revive_plugin.eval.testing import save_tiny_llama, tiny_llama
 from revive_plugin.host import DEFAULT_PLUGINS, TargetWeight, installed_plugins, validate_configs
 from revive_plugin.plugins import wilke
 
@@ -36,20 +36,7 @@ ROME4 = {**ROME, "v_loss_layer": LAYERS - 1}
 
 @pytest.fixture(scope="module")
 def tiny4_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama-4")
-    tok = tiny_tokenizer(add_bos=False)
-    tok.unk_token = "<pad>"
-    tiny_llama(vocab_size=len(tok), seed=0, num_hidden_layers=LAYERS).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture
-def enabled(tmp_path, monkeypatch):
-    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
-    easyedit.enable_easyedit(device="cpu")
-    yield
-    easyedit.disable_easyedit()
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4"), num_hidden_layers=LAYERS)
 
 
 def mlp_input(model, tok, prompt, subject, layer):
