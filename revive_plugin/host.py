@@ -239,7 +239,7 @@ class StepRecord:
     changed: list[str] = field(default_factory=list)
     transformed: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
-    edit_seconds: float = 0.0        # the editor's own run
+    edit_seconds: float = 0.0        # the editor's own run (and its trials for easyedit_select_layers)
     transform_seconds: float = 0.0   # the delta chain and write-back (the plugins' cost)
 
 
@@ -258,6 +258,7 @@ class PluginHost:
         # The latest records only: a 20,000-edit run must not grow memory with its history.
         self.history: deque[StepRecord] = deque(maxlen=HISTORY_LIMIT)
         self.seconds = {"edit": 0.0, "transform": 0.0}  # totals over this host's steps
+        self._selecting = 0.0  # select_layers' seconds not yet in a step record
 
     # -- the delta chain -------------------------------------------------------------------------
     def transform_chain(self, order: Optional[Sequence[str]] = None) -> list[tuple[str, Callable[..., Any]]]:
@@ -368,12 +369,14 @@ class PluginHost:
         layers; ``configs`` the step's plugin blocks, already validated. Called before ``run_step``, with the
         weights at W_before: a weight that differs after a plugin's call (a trial not undone), a plugin that
         raises or returns anything but a non-empty subset of ``layers`` refuse the step (``EditRejected``) with
-        every target restored to what it was.
+        every target restored to what it was. Its time counts as editor time (``seconds["edit"]`` and the next
+        step's ``edit_seconds``): its trials are editor runs.
         """
         configs = dict(configs or {})
         impls = [i for i in hook_impls(self.pm, "easyedit_select_layers") if i.plugin_name in configs]
         if not impls:  # a plugin without its block does nothing: no snapshot either
             return None
+        started = time.perf_counter()
         candidates = sorted({int(layer) for layer in layers})
         before = {t.name: t.tensor.detach().clone() for t in targets}
         matrices = [t.name for t in targets if t.tensor.ndim == 2]
@@ -414,6 +417,9 @@ class PluginHost:
         finally:
             if step_keys is not None:
                 step_keys.close()
+            elapsed = time.perf_counter() - started
+            self.seconds["edit"] += elapsed
+            self._selecting += elapsed
 
     # -- one edit step ---------------------------------------------------------------------------
     def run_step(
@@ -475,7 +481,8 @@ class PluginHost:
         except BaseException:
             restore()
             raise
-        record.edit_seconds = time.perf_counter() - started
+        record.edit_seconds = time.perf_counter() - started + self._selecting  # select_layers' trials are editor runs
+        self._selecting = 0.0
         started = time.perf_counter()
         try:
             finals: dict[str, torch.Tensor] = {}

@@ -5,6 +5,7 @@ the subject: WilKE picks it, the edit writes only it, REVIVE's invariant holds t
 without the block ROME stays on its fixed layer."""
 import math
 import random
+import time
 import types
 
 import numpy as np
@@ -276,11 +277,18 @@ def test_the_hook_needs_its_block_and_says_what_it_chose():
         host.select_layers("ROME", ts, [0, 1], configs={"wilke": {"candidates": [0, 1], "criterion": "keys"}})
     with pytest.raises(EditRejected, match=r"wilke.candidates \[1\] are not layers this step of ROME may write"):
         host.select_layers("ROME", ts[:1], [0], configs=block, trial=trial)
-    # the choice of the step, as step metrics
-    host.select_layers("ROME", ts, [0, 1], configs=block, trial=trial)
+    # the choice of the step, as step metrics; the trials' time is the step's editor time
+    def slow_trial(layers):
+        time.sleep(0.05)
+        return trial(layers)
+
+    host = PluginHost(pm)
+    host.select_layers("ROME", ts, [0, 1], configs=block, trial=slow_trial)
+    assert host.seconds["edit"] >= 0.1
     _, rec = host.run_step("ROME", ts, lambda: None, configs=block)
     assert rec.metrics == pytest.approx({"wilke/layer": 1.0, "wilke/score/0": 0.2, "wilke/score/1": 0.1,
                                          "wilke/chose/0": 0.0, "wilke/chose/1": 1.0})
+    assert rec.edit_seconds >= 0.1
     _, rec = host.run_step("ROME", ts, lambda: None, configs=block)  # a step it did not choose for: nothing
     assert rec.metrics == {}
 
