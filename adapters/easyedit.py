@@ -490,7 +490,8 @@ def _in_loop_revive(alg: str, main: Any, configs: Mapping[str, Any]) -> bool:
     from revive_plugin.config import ReviveConfig
 
     block = configs.get("revive")
-    if block is None or not (ReviveConfig.from_dict(block).enabled and ReviveConfig.from_dict(block).in_loop):
+    config = ReviveConfig.from_dict(block) if block is not None else None
+    if config is None or not (config.enabled and config.in_loop):
         return False
     if not callable(getattr(main, "compute_ks", None)):
         raise ValueError(f"revive.in_loop: {alg} has no MEMIT-style layer loop (no compute_ks in {main.__name__}); "
