@@ -8,7 +8,9 @@ source tree of EasyEdit's GitHub repository (``$EASYEDIT_SOURCE``).
   an ImportError naming what is missing);
 * it hard-codes ``cuda:{device}``: ``cuda_redirect`` maps CUDA devices to the model's device;
 * with transformers ≥ 4.54 decoder layers return a tensor where MEMIT's ``compute_z`` indexes a tuple:
-  ``TupleViewTraceDict`` gives it a tuple view of traced layer outputs.
+  ``TupleViewTraceDict`` gives it a tuple view of traced layer outputs;
+* ``temporarily`` is how the adapter swaps one of easyeditor's module attributes (``compute_z``,
+  ``compute_ks``, a statistics cache) or an hparams setting for one edit step.
 """
 from __future__ import annotations
 
@@ -224,6 +226,21 @@ def redirect_target(requested: Optional[str] = None) -> Optional[torch.device]:
         dev = torch.device(requested)
         return None if dev.type == "cuda" else dev
     return None if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def temporarily(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """``obj.name = value`` inside the block, the old value back afterwards, also on failure; nothing for a None
+    ``value``. easyeditor's functions look these attributes up at every call, so the swap takes effect at once."""
+    if value is None:
+        yield
+        return
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
 
 
 @contextlib.contextmanager

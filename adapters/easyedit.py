@@ -368,18 +368,19 @@ def _prime_context_templates(main: Any, model: Any, tok: Any, hparams: Any, seed
             sample(model, tok)
 
 
-def _statistics_cache(main: Any) -> Optional[tuple[dict, bool]]:
-    """(cache, holds inverses) an editor reads its covariance statistics from: ``COV_CACHE`` of MEMIT-style
-    editors (keyed (model, layer), covariances) or ``compute_u.inv_mom2_cache`` of ROME-style ones (inverses)."""
+def _statistics_cache(main: Any) -> Optional[tuple[Any, str, bool]]:
+    """(module, attribute, holds inverses) of the dict an editor reads its covariance statistics from:
+    ``COV_CACHE`` of MEMIT-style editors (keyed (model, layer), covariances) or ``compute_u.inv_mom2_cache``
+    of ROME-style ones (inverses). The editors look the dict up by its module-level name at every read."""
     if isinstance(getattr(main, "COV_CACHE", None), dict):
-        return main.COV_CACHE, False
+        return main, "COV_CACHE", False
     package = main.__name__.rpartition(".")[0]
     try:
         compute_u = compat.import_easyeditor(f"{package}.compute_u")
     except ImportError:
         return None
     cache = getattr(compute_u, "inv_mom2_cache", None)
-    return (cache, True) if isinstance(cache, dict) else None
+    return (compute_u, "inv_mom2_cache", True) if isinstance(cache, dict) else None
 
 
 def _feed_statistics(main: Any, model: Any, tok: Any, hparams: Any) -> bool:
@@ -390,7 +391,8 @@ def _feed_statistics(main: Any, model: Any, tok: Any, hparams: Any) -> bool:
     target = _statistics_cache(main)
     if target is None or not dataset or not is_local_corpus(str(dataset)):
         return False
-    cache, inverse = target
+    owner, attr, inverse = target
+    cache = getattr(owner, attr)
     if inverse and not getattr(hparams, "mom2_adjustment", False):
         return False
     model_name = model.config._name_or_path.replace("/", "_")
@@ -485,18 +487,101 @@ def restore_editor_state(alg: str, state: Mapping[str, torch.Tensor], model: Opt
         _STATE.projectors = {k for k in _STATE.projectors if k[0] != main.__name__}  # P is set again, with it
 
 
-def _in_loop_revive(alg: str, main: Any, configs: Mapping[str, Any]) -> bool:
-    """Whether this step runs REVIVE inside the editor's layer loop; refused for editors without one."""
+def _revive_variants(alg: str, main: Any, configs: Mapping[str, Any], fed: bool) -> tuple[bool, bool]:
+    """(in_loop, in_solve): where this step runs REVIVE besides after the editor; each is refused, before
+    anything is computed, for an editor it cannot enter."""
     from revive_plugin.config import ReviveConfig
 
     block = configs.get("revive")
     config = ReviveConfig.from_dict(block) if block is not None else None
-    if config is None or not (config.enabled and config.in_loop):
-        return False
-    if not callable(getattr(main, "compute_ks", None)):
+    if config is None or not config.enabled:
+        return False, False
+    if config.in_loop and not callable(getattr(main, "compute_ks", None)):
         raise ValueError(f"revive.in_loop: {alg} has no MEMIT-style layer loop (no compute_ks in {main.__name__}); "
                          "set in_loop: false (REVIVE then filters the step's ΔW after the editor)")
-    return True
+    if config.in_solve:
+        if _statistics_cache(main) is None or hasattr(main, "get_project"):
+            raise ValueError(f"revive.in_solve: {alg}'s solve is not regularised by covariance statistics "
+                             "(MEMIT, PMET, EMMET, ROME … are), so REVIVE's projector cannot enter it; set "
+                             "in_solve: false (REVIVE then filters the step's ΔW after the editor)")
+        if not fed:
+            raise ValueError("revive.in_solve needs the covariance statistics this package computes from a local "
+                             f"corpus, and {alg}'s hparams do not ask for them: set mom2_adjustment: true and "
+                             "mom2_dataset: me-ppl (or a text/JSON corpus path), or set in_solve: false")
+    return config.in_loop, config.in_solve
+
+
+#: Penalty on the protected input directions, relative to ‖C‖₂, in the covariance a solve reads (revive.in_solve).
+IN_SOLVE_PENALTY = 1e6
+
+
+def constrained_statistics(stats: torch.Tensor, v: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """The covariance statistics of a layer with REVIVE's input-side constraint ΔW·Vₖ = 0 built in.
+
+    ``stats`` is C (d×d) or, for ROME-style editors (``inverse``), C⁻¹; ``v`` (d×k) spans the protected input
+    directions. An inverse becomes the exact limit of (C + μVVᵀ)⁻¹ for μ → ∞ (Woodbury):
+    C⁻¹ − C⁻¹V (VᵀC⁻¹V)⁻¹ VᵀC⁻¹, whose range is orthogonal to V, so ROME's key vector C⁻¹k and its rank-one
+    update avoid Vₖ while still writing the edited key exactly. A covariance becomes C + μVVᵀ with
+    μ = IN_SOLVE_PENALTY·‖C‖₂ in float64 (MEMIT-style solves read it as ``cov.double()``): the penalty method
+    for min ‖ΔK − R‖² + λ tr(ΔCΔᵀ) subject to ΔV = 0, whose solution R Kᵀ P (P(λC + KKᵀ)P)⁺ P (P = I − VVᵀ) it
+    approaches as μ grows; what it leaves in Vₖ is removed exactly by the filter after the editor.
+    """
+    c = stats.double()
+    v = v.to(device=c.device, dtype=torch.float64)
+    if inverse:
+        cv = c @ v
+        out = c - cv @ torch.linalg.solve(v.T @ cv, cv.T)
+        return ((out + out.T) / 2).to(stats.dtype)
+    mu = IN_SOLVE_PENALTY * float(torch.linalg.matrix_norm(c, ord=2))
+    return c + mu * (v @ v.T)
+
+
+class _ReadLog(dict):
+    """A statistics cache that records which entries an editor read."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set = set()
+
+    def __getitem__(self, key: Any) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+@contextlib.contextmanager
+def _revive_in_solve(alg: str, main: Any, model: Any, host: PluginHost,
+                     targets: list[TargetWeight]) -> Iterator[None]:
+    """REVIVE's key-side projector inside the editor's solve (``revive: {in_solve: true}``).
+
+    For the step, the statistics cache the editor reads holds, for every weight REVIVE filters, the
+    ``constrained_statistics`` of that layer with the Vₖ REVIVE filters it with (W₀'s, or the current
+    weight's with ``basis: current``); the fed statistics are back in place afterwards. A filtered layer whose
+    statistics the editor did not read is an error (the step is then rolled back): the constraint would
+    silently not have been applied.
+    """
+    from revive_plugin.host import layer_index
+    from revive_plugin.plugins.revive import NAME
+
+    owner, attr, inverse = _statistics_cache(main)  # type: ignore[misc]  # checked by _revive_variants
+    original = getattr(owner, attr)
+    filt = host.state.get(NAME)
+    model_name = model.config._name_or_path.replace("/", "_")
+    constrained = _ReadLog(original)
+    watched = {}
+    for t in targets:
+        weight = t.view()
+        if filt is None or weight.ndim != 2 or not filt.selects(t.name, layer_index(t.name)):
+            continue
+        key = (model_name, t.name.rpartition(".")[0])
+        if key in original:
+            constrained[key] = constrained_statistics(original[key], filt.basis_for(t.name, weight).v, inverse)
+            watched[key] = t.name
+    with compat.temporarily(owner, attr, constrained):
+        yield
+    unread = sorted(name for key, name in watched.items() if key not in constrained.read)
+    if unread:
+        raise ValueError(f"revive.in_solve: {alg} did not read the covariance statistics of {unread} in this "
+                         "step, so REVIVE's projector did not enter its solve there; set in_solve: false")
 
 
 @contextlib.contextmanager
@@ -527,25 +612,8 @@ def _revive_in_loop(alg: str, main: Any, host: PluginHost, targets: list[TargetW
                     t.view().copy_(w0 + filt.filter(t.name, delta, w0, layer=layer_index(t.name)))
         return original(*args, **kwargs)
 
-    main.compute_ks = compute_ks
-    try:
+    with compat.temporarily(main, "compute_ks", compute_ks):
         yield
-    finally:
-        main.compute_ks = original
-
-
-@contextlib.contextmanager
-def _setting(hparams: Any, name: str, value: Any) -> Iterator[None]:
-    """``hparams.name = value`` inside the block (skipped for a None value)."""
-    if value is None:
-        yield
-        return
-    old = getattr(hparams, name)
-    setattr(hparams, name, value)
-    try:
-        yield
-    finally:
-        setattr(hparams, name, old)
 
 
 def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -570,7 +638,8 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                 kwargs["copy"] = False
             main = editor_module(apply_fn)
             _prime_context_templates(main, model, tok, hparams)
-            with _setting(hparams, "layers", step_layers(hparams)):  # statistics of every layer the step may write
+            # statistics of every layer the step may write
+            with compat.temporarily(hparams, "layers", step_layers(hparams)):
                 fed = _feed_statistics(main, model, tok, hparams)
             projector = _prepare_null_space(main, model, tok, hparams) if fed else None
             host = host_for(model)
@@ -579,7 +648,7 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
             keys = request_keys(model, tok, requests) if _has_prompts(requests) else None
 
             targets = target_weights(model, hparams)
-            in_loop = _in_loop_revive(alg, main, configs)
+            in_loop, in_solve = _revive_variants(alg, main, configs, fed)
 
             def run() -> Any:
                 z_options = configs.get(BATCHED_Z_BLOCK)
@@ -588,6 +657,8 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                         stack.enter_context(batched_compute_z(requests, **z_options, main=main))
                     if in_loop:
                         stack.enter_context(_revive_in_loop(alg, main, host, targets))
+                    if in_solve:
+                        stack.enter_context(_revive_in_solve(alg, main, model, host, targets))
                     return apply_fn(model, tok, requests, hparams, *args, **kwargs)
 
             def bare(reqs: Any) -> Any:  # the editor alone, for easyedit_select_layers' trials
@@ -597,10 +668,10 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
 
             keys_before = main.cache_c.clone() if projector else None
             try:
-                with _setting(hparams, "P_loc", projector):
+                with compat.temporarily(hparams, "P_loc", projector):
                     chosen = choose_layers(host, _plugin_manager(), alg, hparams, configs, targets, requests, keys,
                                            bare, main=main, projector=projector)
-                    with _setting(hparams, "layers", chosen):  # this step only, restored also on failure
+                    with compat.temporarily(hparams, "layers", chosen):  # this step only, restored also on failure
                         result, _ = host.run_step(alg, targets, run, configs=configs, order=order, keys=keys)
             except BaseException:
                 if keys_before is not None:  # a rolled-back step leaves AlphaEdit's accumulated keys as they were
@@ -656,16 +727,10 @@ def batched_compute_z(requests: Any, chunk: int = 16, early_exit: bool = True, m
         z = computed.get(_z_key(request))
         return original(model, tok, request, hparams, layer, templates) if z is None else z
 
-    main.compute_z = compute_z
     repr_tools = compat.import_easyeditor("easyeditor.models.rome.repr_tools")
-    nethook = repr_tools.nethook
-    if early_exit:
-        repr_tools.nethook = compat.stopping_nethook(nethook)
-    try:
+    stopping = compat.stopping_nethook(repr_tools.nethook) if early_exit else None
+    with compat.temporarily(main, "compute_z", compute_z), compat.temporarily(repr_tools, "nethook", stopping):
         yield
-    finally:
-        main.compute_z = original
-        repr_tools.nethook = nethook
 
 
 def sequential_edit_kwargs(editor: Any) -> dict:

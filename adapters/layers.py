@@ -19,6 +19,8 @@ import torch
 
 from revive_plugin.host import EditRejected, PluginHost, TargetWeight, call_impl, hook_impls
 
+from . import compat
+
 
 def candidate_layers(pm: Any, configs: Mapping[str, Any], editor: Optional[str], layers: Any) -> list[int]:
     """The layers the plugins whose blocks are in ``configs`` may choose (``easyedit_layer_candidates``), sorted.
@@ -95,10 +97,9 @@ def make_trial(
         cache = getattr(main, "cache_c", None)
         cache = cache.clone() if isinstance(cache, torch.Tensor) else None
         states = _rng_states(devices)
-        old = hparams.layers
         try:
-            hparams.layers = chosen
-            run_editor()
+            with compat.temporarily(hparams, "layers", chosen):
+                run_editor()
             with torch.no_grad():
                 out = {}
                 for t in targets:
@@ -107,7 +108,6 @@ def make_trial(
                     out[t.name] = (t.view(t.tensor.detach()) - t.view(before[t.name])).clone()
             return out
         finally:
-            hparams.layers = old
             with torch.no_grad():
                 for t in targets:
                     t.tensor.data.copy_(before[t.name])

@@ -35,6 +35,12 @@ class ReviveConfig:
     in_loop: True filters each layer's update inside a MEMIT-style editor's layer loop, so that later layers
              are solved against the filtered update of earlier ones (the adapter does it; editors without
              such a loop refuse it). False: the whole step's ΔW is filtered after the editor, as in the paper.
+    in_solve: True puts REVIVE's key-side projector inside the editor's least-squares solve, the way AlphaEdit
+             puts its null-space projector there: editors whose solve is regularised by covariance statistics
+             (MEMIT, PMET, EMMET, ROME with mom2_adjustment, …) are solved with ΔW·Vₖ = 0 as a constraint
+             instead of having that part cut afterwards (the adapter does it; other editors refuse it). The
+             output side is still projected after the editor: for a least-squares layer objective that
+             projection of the solve's result is already the constrained optimum.
     """
 
     tau: float = 0.1
@@ -43,6 +49,7 @@ class ReviveConfig:
     enabled: bool = True
     svd: str = "full"
     in_loop: bool = False
+    in_solve: bool = False
 
     def __post_init__(self) -> None:
         tau = self.tau
@@ -53,10 +60,9 @@ class ReviveConfig:
             raise ValueError(f"revive.basis must be one of {list(BASES)}, got {self.basis!r}")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"revive.svd must be one of {list(SVD_METHODS)}, got {self.svd!r}")
-        if not isinstance(self.in_loop, bool):
-            raise ValueError(f"revive.in_loop must be true or false, got {self.in_loop!r}")
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"revive.enabled must be true or false, got {self.enabled!r}")
+        for flag in ("in_loop", "in_solve", "enabled"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"revive.{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.layers is not None:
             layers = self.layers
             if isinstance(layers, (int, str)):

@@ -389,3 +389,97 @@ def test_revive_in_loop_is_refused_for_an_editor_without_a_layer_loop(tmp_path, 
     with pytest.raises(ValueError, match="revive.in_loop: FT has no MEMIT-style layer loop"):
         editor.edit(**REQUEST, keep_original_weight=False, verbose=False)
     assert all(torch.equal(t.detach(), w[n]) for n, t in edited_weights(editor, hp).items())
+
+
+def _delta_recorder():
+    """A plugin that records each raw delta the editor wrote (placed first in the chain) and changes nothing."""
+    recorder, seen = types.ModuleType("recorder"), {}
+
+    @hookimpl
+    def easyedit_transform_delta(name, delta):
+        seen[name] = delta.detach().clone()
+
+    recorder.easyedit_transform_delta = easyedit_transform_delta
+    return recorder, seen
+
+
+def test_constrained_statistics_are_the_constrained_solutions():
+    """in_solve's statistics, read the way MEMIT and ROME read them, give the least-squares solutions with
+    ΔW·Vₖ = 0 computed directly in coordinates of the complement B of Vₖ."""
+    from revive_plugin.adapters.easyedit import constrained_statistics
+
+    g = torch.Generator().manual_seed(0)
+    d, k, n, m, lam = 12, 3, 5, 7, 4.0
+    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64)
+    c = a @ a.T / (3 * d)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    v, b = q[:, :k], q[:, k:]
+    keys = torch.randn(d, n, generator=g, dtype=torch.float64)
+    resid = torch.randn(m, n, generator=g, dtype=torch.float64)
+    # MEMIT: ΔW = R Kᵀ (λC' + KKᵀ)⁻¹ against X Bᵀ with X = R KᵀB (Bᵀ(λC + KKᵀ)B)⁻¹.
+    c_in = constrained_statistics(c.float(), v, inverse=False)
+    assert c_in.dtype == torch.float64
+    memit = resid @ torch.linalg.solve(lam * c_in + keys @ keys.T, keys).T
+    direct = resid @ keys.T @ b @ torch.linalg.inv(b.T @ (lam * c + keys @ keys.T) @ b) @ b.T
+    torch.testing.assert_close(memit, direct, rtol=1e-4, atol=1e-7)
+    assert float((memit @ v).norm()) <= 1e-5 * float(memit.norm())
+    # ROME: C⁻¹ becomes B (BᵀCB)⁻¹ Bᵀ exactly, so its key vector C⁻¹k avoids Vₖ.
+    inv = constrained_statistics(torch.linalg.inv(c), v, inverse=True)
+    torch.testing.assert_close(inv, b @ torch.linalg.inv(b.T @ c @ b) @ b.T, rtol=1e-8, atol=1e-10)
+    unconstrained = resid @ torch.linalg.solve(lam * c + keys @ keys.T, keys).T
+    assert float((unconstrained @ v).norm()) > 0.1 * float(unconstrained.norm())  # the constraint does something
+
+
+@pytest.mark.parametrize("alg", ["MEMIT", "ROME"])
+def test_revive_in_solve_solves_with_the_key_side_constraint(tmp_path, tiny_model_dir, monkeypatch, alg):
+    """revive.in_solve: the editor's own delta (before REVIVE's filter) already has ΔW·Vₖ ≈ 0, which it has not
+    without; the final edit keeps REVIVE's invariant; the fed statistics are back in the cache after the step."""
+    from revive_plugin.adapters.easyedit import _statistics_cache, editor_module_of
+
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    tau, base = 0.3, {"MEMIT": MEMIT, "ROME": ROME}[alg]
+    raw = {}
+    for in_solve in (False, True):
+        recorder, seen = _delta_recorder()
+        pm = get_plugin_manager()
+        pm.register(recorder, name="recorder")
+        easyedit.enable_easyedit(device="cpu", pm=pm)
+        try:
+            (tmp_path / str(in_solve)).mkdir()
+            hp = load(alg, write_hparams(tmp_path / str(in_solve), base, tiny_model_dir,
+                                         revive={"tau": tau, "in_solve": in_solve},
+                                         edit_plugins={"order": ["recorder", "revive"]}))
+            torch.manual_seed(0)
+            editor = editor_for(hp)
+            weights = edited_weights(editor, hp)
+            w0 = {n: w.detach().clone() for n, w in weights.items()}
+            owner, attr, _ = _statistics_cache(editor_module_of(alg))
+            editor.edit(**REQUEST, keep_original_weight=False, verbose=False)
+            cache = getattr(owner, attr)
+            assert not isinstance(cache, easyedit._ReadLog) and all(s.dtype == torch.float32 for s in cache.values())
+            raw[in_solve] = {n: seen[n] for n in weights}
+            for n, w in weights.items():
+                b = protected_basis(w0[n], tau)
+                total = w.detach() - w0[n]
+                assert float(total.norm()) > 0
+                assert float((b.u.T.float() @ total).norm()) <= 1e-4 * float(total.norm()) + 1e-6
+                assert float((total @ b.v.float()).norm()) <= 1e-4 * float(total.norm()) + 1e-6
+                leak = float((raw[in_solve][n] @ b.v.float()).norm()) / float(raw[in_solve][n].norm())
+                assert leak <= 1e-4 if in_solve else leak > 1e-2
+        finally:
+            easyedit.disable_easyedit()
+
+
+def test_revive_in_solve_is_refused_where_it_cannot_enter_the_solve(tmp_path, enabled, tiny_model_dir):
+    """FT has no statistics-regularised solve; ROME without mom2_adjustment reads no statistics: both are refused
+    before anything is written."""
+    for alg, base, expected in (
+        ("FT", FT, "revive.in_solve: FT's solve is not regularised by covariance statistics"),
+        ("ROME", {**ROME, "mom2_adjustment": False}, "revive.in_solve needs the covariance statistics"),
+    ):
+        hp = load(alg, write_hparams(tmp_path, base, tiny_model_dir, revive={"tau": 0.3, "in_solve": True}))
+        editor = editor_for(hp)
+        w = {n: t.detach().clone() for n, t in edited_weights(editor, hp).items()}
+        with pytest.raises(ValueError, match=expected):
+            editor.edit(**REQUEST, keep_original_weight=False, verbose=False)
+        assert all(torch.equal(t.detach(), w[n]) for n, t in edited_weights(editor, hp).items())
