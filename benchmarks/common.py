@@ -87,12 +87,10 @@ def apply_edits(editor: Any, hp: Any, requests: list[dict], configs: dict) -> An
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(x: Any) -> str:
-        return f"{x:.4g}" if isinstance(x, float) else str(x)
+    """The project's Markdown table (revive_plugin.eval.report), floats to 4 significant digits."""
+    from revive_plugin.eval.report import markdown_table as table
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return table(header, rows, floatfmt=".4g")
 
 
 def script_main(doc: str, run: Callable[..., Any], report: Callable[[Any], str], types: dict[str, type]) -> None:

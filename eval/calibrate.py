@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from .harness import Run, RunConfig, evaluate_facts, ordered_cases, use_easyedit_source
+from .report import markdown_table
 
 #: hparams that change MEMIT's target vectors (everything else only changes the solve).
 Z_SETTINGS = ("v_num_grad_steps", "v_lr", "v_loss_layer", "v_weight_decay", "kl_factor", "clamp_norm_factor",
@@ -183,11 +184,9 @@ def write_table(rows: list[dict[str, Any]], config: RunConfig, records: int, out
              "measures on exactly those records, perplexity on the shipped ME-PPL sentences.", ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
-    lines += ["| point | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for r in rows:
-        point = r["point"] if isinstance(r["point"], str) else ", ".join(f"{k}={v}" for k, v in r["point"].items())
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
-        lines.append(f"| {point} | " + " | ".join(cells) + " |")
+    body = [[r["point"] if isinstance(r["point"], str) else ", ".join(f"{k}={v}" for k, v in r["point"].items())]
+            + [r.get(c) for c in cols] for r in rows]
+    lines.append(markdown_table(["point"] + cols, body, floatfmt=".3f"))
     (output / "calibration.md").write_text("\n".join(lines) + "\n")
 
 

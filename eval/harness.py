@@ -1060,7 +1060,13 @@ class Run:
                "filter_seconds": round(host.seconds["transform"] - clock["host"]["transform"], 3),
                "eval_seconds": round(clock["eval"], 3),
                # the edits whose editor/filter seconds this row holds (a resumed process starts its own count)
-               "edits_timed": done - clock.get("edits_at", 0)}
+               "edits_timed": done - clock.get("edits_at", 0),
+               # CPU seconds of this process over wall seconds × torch threads since the previous row: near 1
+               # when the run had its cores to itself, well below when something else shared the machine
+               "threads": torch.get_num_threads(),
+               "cpu_share": round((time.process_time() - clock["cpu"])
+                                  / max(1e-9, (time.perf_counter() - clock["wall"]) * torch.get_num_threads()), 3)}
+        clock["cpu"], clock["wall"] = time.process_time(), time.perf_counter()
         clock["host"] = dict(host.seconds)
         clock["edits_at"] = done
         clock["resettable"] = reset_window_peak()
@@ -1121,7 +1127,7 @@ class Run:
             probe = GlueProbe(cfg.glue["tasks"], n_per_task=cfg.glue.get("n_per_task", 50), seed=cfg.seed,
                               few_shot=cfg.glue.get("few_shot", 0), data_dir=cfg.glue.get("dir"))
         metrics_path = self.run_dir / "metrics.jsonl"
-        clock = {"host": dict(host.seconds), "eval": 0.0}
+        clock = {"host": dict(host.seconds), "eval": 0.0, "cpu": time.process_time(), "wall": time.perf_counter()}
         if self.ckpt_dir.exists():
             done, monitor, state = self._resume_from_checkpoint(model, tok, hp, host, cases, metrics_path)
             clock["edits_at"] = done

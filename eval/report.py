@@ -37,6 +37,9 @@ PROTECTED = ["protected_left_mean", "protected_right_mean", "delta_rel_mean", "d
 #: The superposition monitor's means over edited layers (``monitors: [superposition]``), beside the collapse flag.
 SUPERPOSITION = ["superposition/interference", "superposition/leakage", "superposition/mean_cos",
                  "superposition/kurtosis", "superposition/tail_mass"]
+#: Rates and shares in [0, 1]: their panels keep the whole 0–1 axis, so a gap of 3 points looks like 3 points.
+UNIT_RANGE = {k for k in HEADLINE if not k.endswith("_magnitude") and k != "fluency"} | {
+    "ls_mean", "ss_mean", "protected_left_mean", "protected_right_mean"}
 _GLUE_KEY = re.compile(r"^glue_(.+)_(accuracy|f1|mcc)$")
 _GLUE_METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "mcc": "MCC"}
 
@@ -125,11 +128,13 @@ def _present(keys: Sequence[str], rows: Sequence[Row]) -> list[str]:
     return [k for k in keys if k in have]
 
 
-def _table(header: list[str], body: list[list[Any]]) -> str:
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]], floatfmt: str = ".4f") -> str:
+    """A Markdown table (every results file and figure of the project writes its tables with it): floats in
+    ``floatfmt``, booleans as yes/no, None as an empty cell."""
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
             return "yes" if v else "no"
-        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+        return format(v, floatfmt) if isinstance(v, float) else ("" if v is None else str(v))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in body]
     return "\n".join(lines)
@@ -169,12 +174,13 @@ def _sections(first: str, labels: list[Any], rows: list[Row]) -> list[str]:
     for title, cols in (("Editing", editing), ("General ability: perplexity and GLUE probes", general),
                         ("Spectral monitors (mean over edited layers; σ_max growth: max over layers)",
                          _present(SPECTRAL, rows))):
-        out += [f"## {title}", "", _table([first] + cols, [[lab] + [r.get(c) for c in cols]
+        out += [f"## {title}", "", markdown_table([first] + cols, [[lab] + [r.get(c) for c in cols]
                                                           for lab, r in zip(labels, rows)]), ""]
     protected = _present(PROTECTED, rows)
     out += ["## Protected-subspace monitors (mean over edited layers; delta_rel_max: max over layers)", ""]
     if protected:
-        out += [_table([first] + protected, [[lab] + [r.get(c) for c in protected] for lab, r in zip(labels, rows)]),
+        out += [markdown_table([first] + protected,
+                               [[lab] + [r.get(c) for c in protected] for lab, r in zip(labels, rows)]),
                 "", "protected_left/right: share of the accumulated edit W − W₀ inside W₀'s protected top-k "
                 "left/right singular subspace (0 under REVIVE); complement_over_sigma_k: the largest singular "
                 "value outside that subspace over σ_k(W₀) (above 1, an unprotected direction outgrew the "
@@ -185,7 +191,7 @@ def _sections(first: str, labels: list[Any], rows: list[Row]) -> list[str]:
     if superposition:
         cols = superposition + _present(["ppl_rel", "collapsed"], rows)
         out += ["## Knowledge superposition (mean over edited layers and over the edit steps since the previous row)",
-                "", _table([first] + [c.removeprefix("superposition/") for c in cols],
+                "", markdown_table([first] + [c.removeprefix("superposition/") for c in cols],
                            [[lab] + [r.get(c) for c in cols] for lab, r in zip(labels, rows)]), "",
                 "interference: RMS output change of a step at the keys of earlier edits over the change their own "
                 "edits made; leakage: the same over the step's change at its own keys (|P| of Hu et al. for a "
@@ -239,7 +245,7 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
              lead_time(series[lab]).description] for lab, final in zip(labels, finals)]
     lines = ["# Comparison (last checkpoint of each run)", "",
              "## Collapse and early warning", "",
-             _table(["run", "edits", "collapse point", "early warning", "lead time"], warn), "",
+             markdown_table(["run", "edits", "collapse point", "early warning", "lead time"], warn), "",
              "Collapse: first checkpoint with " + "; ".join(sorted({_rule_text(r)['collapse'] for r in ratios.values()}))
              + f". Early warning: {_rule_text(2.0)['warning']}.", ""]
     lines += _sections("run", labels, finals)
@@ -343,7 +349,9 @@ def _grid(series: dict[str, list[Row]], layout: list[list[Panel]], refs: dict[st
                 ax.set_xlabel("number of edits")
                 ax.set_ylabel(" / ".join(dict.fromkeys(used)))
                 ax.set_xlim(left=0)
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                if keys[0] in UNIT_RANGE:
+                    ax.set_ylim(-0.02, 1.02)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
                 ax.grid(alpha=0.3)
         handles = [Line2D([], [], color=colours[label], **styles[label], label=f"{label}: {_legend_note(rows)}")
                    for label, rows in series.items()]

@@ -82,6 +82,7 @@ def test_schedule_resume_equals_uninterrupted(run_config):
     assert res[0]["edit_seconds"] == 0 and all(r["edit_seconds"] > 0 and r["filter_seconds"] > 0 for r in res[1:])
     assert all(0 < r["rss_mb"] <= r["peak_rss_mb"] + 1 and r["eval_seconds"] > 0 for r in res)
     assert all(r["live_tensors"] > 0 and r["live_tensor_mb"] > 0 and r["window_peak_rss_mb"] <= r["peak_rss_mb"] for r in res)
+    assert all(r["threads"] == torch.get_num_threads() and 0 < r["cpu_share"] <= 1.05 for r in res)
 
     part = Run.start(run_config("resumed"))
     part.execute(stop_after=2)

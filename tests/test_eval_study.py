@@ -111,7 +111,20 @@ def test_common_overrides_go_to_every_run_before_its_own(tmp_path):
         Study.load(path)
 
 
-@pytest.mark.parametrize("name", ["length", "tau", "baselines"])
+@pytest.mark.parametrize("name", ["length", "tau", "baselines", "variants", "wilke"])
 def test_shipped_studies_load(name):
     study = Study.load(name)
     assert study.runs and all(r.target_edits for r in study.runs.values())
+
+
+def test_the_variants_study_switches_the_revive_variants_on():
+    from revive_plugin.config import ReviveConfig
+    from revive_plugin.eval.harness import RunConfig
+
+    study = Study.load("variants")
+    got = {}
+    for name, run in study.runs.items():
+        config = RunConfig.from_yaml(run.config, [o for o in run.overrides if o.startswith("revive.")])
+        parsed = ReviveConfig.from_dict(config.revive)
+        got[name] = (parsed.in_loop, parsed.in_solve, parsed.tau)
+    assert got == {"in-loop": (True, False, 0.1), "in-solve": (False, True, 0.1), "in-loop-in-solve": (True, True, 0.1)}

@@ -285,3 +285,31 @@ def test_a_rejected_step_leaves_alphaedits_keys_as_they_were(tmp_path, enabled, 
     assert torch.equal(main.cache_c, keys)
     for n, w in edited_weights(editor, hp).items():
         assert torch.equal(w.detach(), weights[n])
+
+
+@pytest.mark.parametrize("alg", ["MEMIT", "EMMET", "PMET", "R-ROME"])
+def test_revive_in_solve_enters_the_trees_statistics_solves(tmp_path, enabled, tiny_model_dir, alg):
+    """revive.in_solve on the tree's editors whose solve reads the covariance statistics: every filtered layer's
+    statistics are read in the step (else the step is refused), and the edit keeps REVIVE's invariant."""
+    hp = load(alg, write_hparams(tmp_path, EDITORS[alg], tiny_model_dir, revive={"tau": TAU, "in_solve": True}))
+    torch.manual_seed(0)
+    editor = editor_for(hp)
+    weights = {n: editor.model.get_parameter(n) for n in easyedit.written_matrices(vars(hp))}
+    w0 = {n: w.detach().clone() for n, w in weights.items()}
+    editor.edit(**REQUEST, verbose=False, sequential_edit=True)
+    editor.edit(**REQUEST2, verbose=False, sequential_edit=True)
+    final = {n: w.detach().clone() for n, w in weights.items()}
+    assert any(not torch.equal(final[n], w0[n]) for n in w0)
+    assert_revive_invariant(w0, final)
+
+
+def test_revive_in_solve_is_refused_for_alphaedit(tmp_path, enabled, tiny_model_dir):
+    """AlphaEdit solves with its own null-space projector, not with the statistics: in_solve is refused, and
+    nothing is written."""
+    hp = load("AlphaEdit", write_hparams(tmp_path, ALPHAEDIT, tiny_model_dir, revive={"tau": TAU, "in_solve": True}))
+    editor = editor_for(hp)
+    weights = {n: editor.model.get_parameter(n) for n in easyedit.written_matrices(vars(hp))}
+    w0 = {n: w.detach().clone() for n, w in weights.items()}
+    with pytest.raises(ValueError, match="revive.in_solve: AlphaEdit's solve is not regularised"):
+        editor.edit(**REQUEST, verbose=False, sequential_edit=True)
+    assert all(torch.equal(w.detach(), w0[n]) for n, w in weights.items())
