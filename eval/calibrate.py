@@ -32,6 +32,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from .harness import Run, RunConfig, evaluate_facts, ordered_cases, use_easyedit_source
 from .report import markdown_table
@@ -156,7 +157,8 @@ def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, outpu
                 if k not in run_keys:
                     setattr(hp, k, v)
             began = time.perf_counter()
-            for group in request_groups(hp.alg_name, requests):
+            groups = request_groups(hp.alg_name, requests)  # ROME-style editors: one request per call
+            for group in tqdm(groups, desc=f"edit {settings}", unit="call", disable=len(groups) == 1, leave=False):
                 with contextlib.redirect_stdout(io.StringIO()):
                     editor.apply_algo(model, tok, group, hp, copy=False, return_orig_weights=False,
                                       keep_original_weight=False)

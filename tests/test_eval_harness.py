@@ -67,6 +67,8 @@ def test_shipped_configs_load():
     for name in ("smollm2-rome", "smollm2-rome-revive", "smollm2-ft", "smollm2-ft-revive"):
         cfg = RunConfig.from_yaml(name)
         assert cfg.transforms == (["revive"] if name.endswith("revive") else [])
+    rome_prune = RunConfig.from_yaml("smollm2-rome-prune-revive")
+    assert rome_prune.transforms == ["prune", "revive"] and rome_prune.batch_size == 1
 
 
 def test_schedule_resume_equals_uninterrupted(run_config):
