@@ -483,3 +483,19 @@ def test_revive_in_solve_is_refused_where_it_cannot_enter_the_solve(tmp_path, en
         with pytest.raises(ValueError, match=expected):
             editor.edit(**REQUEST, keep_original_weight=False, verbose=False)
         assert all(torch.equal(t.detach(), w[n]) for n, t in edited_weights(editor, hp).items())
+
+
+def test_revive_in_solve_refuses_a_step_whose_solve_did_not_read_the_statistics(tmp_path, enabled, tiny_model_dir,
+                                                                                 monkeypatch):
+    """An editor that solves without reading the statistics cache would silently ignore in_solve: the step is
+    an error naming the layers, and every weight is back to what it was."""
+    hp = load("MEMIT", write_hparams(tmp_path, MEMIT, tiny_model_dir, revive={"tau": 0.3, "in_solve": True}))
+    editor = editor_for(hp)
+    main = import_easyeditor("easyeditor.models.memit.memit_main")
+    size = editor.model.get_parameter("model.layers.0.mlp.down_proj.weight").shape[1]
+    monkeypatch.setattr(main, "get_cov", lambda *args, **kwargs: torch.eye(size))  # reads no cache
+    w = {n: t.detach().clone() for n, t in edited_weights(editor, hp).items()}
+    with pytest.raises(ValueError, match=r"revive.in_solve: MEMIT did not read the covariance statistics of "
+                                         r"\['model.layers.0.mlp.down_proj.weight', 'model.layers.1"):
+        editor.edit(**REQUEST, keep_original_weight=False, verbose=False)
+    assert all(torch.equal(t.detach(), w[n]) for n, t in edited_weights(editor, hp).items())
