@@ -385,7 +385,7 @@ def _statistics_cache(main: Any) -> Optional[tuple[Any, str, bool]]:
 
 def _feed_statistics(main: Any, model: Any, tok: Any, hparams: Any) -> bool:
     """Fill an editor's covariance cache from a local corpus (``mom2_dataset`` names one); True if it was fed."""
-    from .stats import is_local_corpus, load_corpus, second_moments
+    from .stats import is_local_corpus, load_corpus, second_moments, statistics_model_id
 
     dataset = getattr(hparams, "mom2_dataset", None)
     target = _statistics_cache(main)
@@ -395,7 +395,7 @@ def _feed_statistics(main: Any, model: Any, tok: Any, hparams: Any) -> bool:
     cache = getattr(owner, attr)
     if inverse and not getattr(hparams, "mom2_adjustment", False):
         return False
-    model_name = model.config._name_or_path.replace("/", "_")
+    model_name = statistics_model_id(model)
     names = [t.format(layer) for t in rewrite_templates(hparams) for layer in hparams.layers]
     spec = (str(dataset), int(hparams.mom2_n_samples), str(hparams.mom2_dtype))
     if all(_STATE.stats_filled.get((main.__name__, model_name, n)) == spec for n in names):
@@ -562,10 +562,12 @@ def _revive_in_solve(alg: str, main: Any, model: Any, host: PluginHost,
     from revive_plugin.host import layer_index
     from revive_plugin.plugins.revive import NAME
 
+    from .stats import statistics_model_id
+
     owner, attr, inverse = _statistics_cache(main)  # type: ignore[misc]  # checked by _revive_variants
     original = getattr(owner, attr)
     filt = host.state.get(NAME)
-    model_name = model.config._name_or_path.replace("/", "_")
+    model_name = statistics_model_id(model)
     constrained = _ReadLog(original)
     watched = {}
     for t in targets:

@@ -79,6 +79,12 @@ def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
 
 
+def statistics_model_id(model: torch.nn.Module) -> str:
+    """The name easyeditor files a model's covariance statistics under (``COV_CACHE``/``inv_mom2_cache`` keys
+    are (this, layer name)): its ``_name_or_path`` with ``/`` replaced by ``_``."""
+    return model.config._name_or_path.replace("/", "_")
+
+
 def stats_path(model_id: str, corpus: Corpus, layer_name: str, dtype: str, n_samples: int) -> Path:
     """Cache file of one layer's statistics."""
     return (cache_dir() / "stats" / _safe(model_id) / f"{_safe(corpus.name)}-{corpus.fingerprint}"

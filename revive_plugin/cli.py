@@ -128,7 +128,7 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 def cmd_edit_stats(args: argparse.Namespace) -> int:
     from .adapters.models import load_model
-    from .adapters.stats import load_corpus, second_moments, stats_path
+    from .adapters.stats import load_corpus, second_moments, statistics_model_id, stats_path
 
     required = {k: v for k, v in HPARAMS_KEYS.items() if not (k == "model_name" and args.model)}
     hp = read_hparams_yaml(args.hparams, required, "revive edit-stats")
@@ -140,7 +140,7 @@ def cmd_edit_stats(args: argparse.Namespace) -> int:
     dtype = hp.get("mom2_dtype", "float32")
     model, tok = load_model(args.model or hp["model_name"])
     names = [hp["rewrite_module_tmp"].format(layer) for layer in hp["layers"]]
-    model_id = model.config._name_or_path.replace("/", "_")
+    model_id = statistics_model_id(model)
     second_moments(model, tok, names, corpus, n_samples=n, dtype=dtype, model_id=model_id)
     for name in names:
         print(stats_path(model_id, corpus, name, dtype, n))
