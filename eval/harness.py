@@ -968,8 +968,13 @@ class Run:
 
         ckpt = self._read_checkpoint(target_weights(model, hp), host, hp)
         self._complete_pre_locality(ckpt.state, model, tok, cases)
-        done, monitor, state = self._restore(ckpt, model, hp, host)
         rows = read_rows(metrics_path)
+        first = next((r for r in rows if r["edits"] == 0), None)
+        if first is not None and "facts_evaluated" not in first:
+            # A run that predates pre-edit fact scores gets them now, from the still unedited model.
+            print(f"[revive] {self.run_dir}: adding the pre-edit scores of the facts it edits to its first row")
+            first.update(self._fact_scores(0, model, tok, cases, ckpt.state))
+        done, monitor, state = self._restore(ckpt, model, hp, host)
         kept = [r for r in rows if r["edits"] <= done]  # rows measured after the checkpoint are measured again
         _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         again = [r["edits"] for r in rows if r["edits"] > done]
@@ -999,26 +1004,7 @@ class Run:
         cfg = self.config
         row: dict[str, Any] = {"edits": done}
         glue = state.get("glue_baseline") if done == 0 else None  # the pre-edit row reuses the baseline
-        if done:
-            edited = cases[:done]
-            final = done == cfg.edits and cfg.eval_all_at_end
-            if cfg.eval_facts != "all" and len(edited) > cfg.eval_facts and not final:
-                rng = random.Random(cfg.seed)
-                edited = sorted(rng.sample(edited, cfg.eval_facts), key=lambda c: c.case_id)
-            row["facts_evaluated"] = len(edited)
-            row.update(evaluate_facts(model, tok, edited, state.get("pre_locality")))
-            if cfg.eval_last_batch:
-                last = cases[(done - 1) // cfg.batch_size * cfg.batch_size:done]
-                scores = evaluate_facts(model, tok, last, state.get("pre_locality"))
-                row.update({f"last_batch_{k}": v for k, v in scores.items() if not k.startswith("easyedit_")})
-            prompts = [c.generation_prompts[0] for c in edited if c.generation_prompts][: cfg.fluency_prompts]
-            if prompts:
-                from .generation import generate_texts
-                from .metrics import n_gram_entropy
-
-                texts = generate_texts(model, tok, prompts, max_new_tokens=cfg.fluency_tokens)
-                row["fluency"] = n_gram_entropy(texts)
-                row["fluency_prompts"] = len(prompts)
+        row.update(self._fact_scores(done, model, tok, cases, state))
         if self.ppl_texts and "ppl_baseline" in state:
             from .perplexity import perplexity
 
@@ -1040,6 +1026,36 @@ class Run:
                 continue
             for k, v in monitor.monitor(t.name, t.view(), self.initial.get(t.name)).items():
                 row[f"spectral/{t.name}/{k}"] = v
+        return row
+
+    def _fact_scores(self, done: int, model: Any, tok: Any, cases: list, state: dict) -> dict[str, Any]:
+        """Eff/Gen/Spe (and Fluency) of the edited facts at ``done`` edits, and of the batch just edited.
+
+        At 0 edits these are the pre-edit scores of the facts the run is going to edit: the same seeded
+        sample size of its ``edits`` cases (all of them with ``eval_facts: all``), and its first batch as the
+        "batch just edited". They are the point every efficacy line starts from: how often the unedited model
+        already prefers the new object.
+        """
+        cfg = self.config
+        edited = cases[:done] if done else cases[:cfg.edits]
+        final = done == cfg.edits and cfg.eval_all_at_end
+        if cfg.eval_facts != "all" and len(edited) > cfg.eval_facts and not final:
+            rng = random.Random(cfg.seed)
+            edited = sorted(rng.sample(edited, cfg.eval_facts), key=lambda c: c.case_id)
+        row: dict[str, Any] = {"facts_evaluated": len(edited)}
+        row.update(evaluate_facts(model, tok, edited, state.get("pre_locality")))
+        if cfg.eval_last_batch:
+            last = cases[(done - 1) // cfg.batch_size * cfg.batch_size:done] if done else cases[:cfg.batch_size]
+            scores = evaluate_facts(model, tok, last, state.get("pre_locality"))
+            row.update({f"last_batch_{k}": v for k, v in scores.items() if not k.startswith("easyedit_")})
+        prompts = [c.generation_prompts[0] for c in edited if c.generation_prompts][: cfg.fluency_prompts]
+        if prompts:
+            from .generation import generate_texts
+            from .metrics import n_gram_entropy
+
+            texts = generate_texts(model, tok, prompts, max_new_tokens=cfg.fluency_tokens)
+            row["fluency"] = n_gram_entropy(texts)
+            row["fluency_prompts"] = len(prompts)
         return row
 
     def _record_resources(self, done: int, host: Any, clock: dict) -> None:

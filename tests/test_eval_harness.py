@@ -76,6 +76,9 @@ def test_schedule_resume_equals_uninterrupted(run_config):
     r1 = rows(straight)
     assert [r["edits"] for r in r1] == [0, 2, 4]
     assert r1[0]["glue_sst2_accuracy"] == r1[0]["glue_sst2_accuracy"]  # baseline present
+    # the pre-edit row scores the facts the run will edit (all 4 here) and its first batch, before editing them
+    assert r1[0]["facts_evaluated"] == 4 and "efficacy_score" in r1[0] and "last_batch_efficacy_score" in r1[0]
+    assert r1[0]["efficacy_magnitude"] != r1[-1]["efficacy_magnitude"]  # measured before the edits, not after
     assert "efficacy_score" in r1[-1] and r1[-1]["facts_evaluated"] == 4
     assert r1[-1]["fluency_prompts"] == 4 and r1[-1]["fluency"] >= 0.0
     assert any(k.startswith("spectral/") and k.endswith("/ls") for k in r1[-1])
@@ -89,6 +92,13 @@ def test_schedule_resume_equals_uninterrupted(run_config):
     part = Run.start(run_config("resumed"))
     part.execute(stop_after=2)
     assert [r["edits"] for r in rows(part.run_dir)] == [0, 2]
+    # A run from before pre-edit fact scores: its first row gets them on resume, from the unedited model.
+    metrics = part.run_dir / "metrics.jsonl"
+    old = rows(part.run_dir)
+    facts = ("efficacy", "generalization", "specificity", "last_batch", "easyedit", "fluency", "facts_evaluated")
+    old[0] = {k: v for k, v in old[0].items() if not k.startswith(facts)}
+    assert "efficacy_score" not in old[0] and "ppl" in old[0]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in old))
     easyedit.disable_easyedit()  # a new process would start from nothing
     resumed = Run.resume(part.run_dir).execute()
     r2 = rows(resumed)
