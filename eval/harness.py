@@ -65,6 +65,8 @@ class RunConfig:
     eval_all_at_end: bool = False                  # the last checkpoint evaluates every edited fact
     ppl: Optional[dict] = field(default_factory=lambda: {"data": None, "n": 200, "max_tokens": 128})
     collapse_ppl_ratio: float = 2.0                # a checkpoint is flagged collapsed at ppl >= ratio × pre-edit ppl
+    stop_at_collapse: bool = False                 # end the run at its first checkpoint flagged collapsed (that
+                                                   # checkpoint then scores every edited fact if eval_all_at_end)
     fluency_prompts: int = 10                      # generation prompts of edited facts for Fluency (0: off)
     fluency_tokens: int = 40                       # greedy tokens generated per prompt
     seed: int = 0
@@ -91,6 +93,11 @@ class RunConfig:
         if isinstance(self.collapse_ppl_ratio, bool) or not isinstance(self.collapse_ppl_ratio, (int, float)) \
                 or self.collapse_ppl_ratio <= 1:
             raise ValueError(f"collapse_ppl_ratio must be a number > 1, got {self.collapse_ppl_ratio!r}")
+        if not isinstance(self.stop_at_collapse, bool):
+            raise ValueError(f"stop_at_collapse must be true or false, got {self.stop_at_collapse!r}")
+        if self.stop_at_collapse and self.ppl is None:
+            raise ValueError("stop_at_collapse needs the perplexity measure that flags a collapse: set ppl "
+                             "(e.g. ppl: {n: 200}) or stop_at_collapse: false")
         if not isinstance(self.transforms, list) or not all(isinstance(n, str) for n in self.transforms):
             raise ValueError(f"transforms must be a list of plugin names, got {self.transforms!r}")
         if not isinstance(self.monitors, list) or not all(isinstance(n, str) for n in self.monitors):
@@ -1004,15 +1011,18 @@ class Run:
         cfg = self.config
         row: dict[str, Any] = {"edits": done}
         glue = state.get("glue_baseline") if done == 0 else None  # the pre-edit row reuses the baseline
-        row.update(self._fact_scores(done, model, tok, cases, state))
-        if self.ppl_texts and "ppl_baseline" in state:
+        general: dict[str, Any] = {}
+        if self.ppl_texts and "ppl_baseline" in state:  # first: a collapse makes this the run's last checkpoint
             from .perplexity import perplexity
 
             measured = state["ppl_baseline"] if done == 0 else perplexity(
                 model, tok, self.ppl_texts, max_tokens=cfg.ppl.get("max_tokens", 128), progress="perplexity")
-            row.update(measured)
-            row["ppl_rel"] = row["ppl"] / state["ppl_baseline"]["ppl"]
-            row["collapsed"] = row["ppl_rel"] >= cfg.collapse_ppl_ratio
+            general.update(measured)
+            general["ppl_rel"] = general["ppl"] / state["ppl_baseline"]["ppl"]
+            general["collapsed"] = general["ppl_rel"] >= cfg.collapse_ppl_ratio
+        last = done == cfg.edits or (cfg.stop_at_collapse and general.get("collapsed", False))
+        row.update(self._fact_scores(done, model, tok, cases, state, last=last))
+        row.update(general)
         if probe is not None:
             glue = glue or probe.evaluate(model, tok)
             for task, metrics in glue.items():
@@ -1028,8 +1038,12 @@ class Run:
                 row[f"spectral/{t.name}/{k}"] = v
         return row
 
-    def _fact_scores(self, done: int, model: Any, tok: Any, cases: list, state: dict) -> dict[str, Any]:
+    def _fact_scores(self, done: int, model: Any, tok: Any, cases: list, state: dict,
+                     last: bool = False) -> dict[str, Any]:
         """Eff/Gen/Spe (and Fluency) of the edited facts at ``done`` edits, and of the batch just edited.
+
+        At the run's ``last`` checkpoint with ``eval_all_at_end`` every edited fact is scored, else a seeded
+        sample of ``eval_facts`` of them.
 
         At 0 edits these are the pre-edit scores of the facts the run is going to edit: the same seeded
         sample size of its ``edits`` cases (all of them with ``eval_facts: all``), and its first batch as the
@@ -1038,8 +1052,7 @@ class Run:
         """
         cfg = self.config
         edited = cases[:done] if done else cases[:cfg.edits]
-        final = done == cfg.edits and cfg.eval_all_at_end
-        if cfg.eval_facts != "all" and len(edited) > cfg.eval_facts and not final:
+        if cfg.eval_facts != "all" and len(edited) > cfg.eval_facts and not (done and last and cfg.eval_all_at_end):
             rng = random.Random(cfg.seed)
             edited = sorted(rng.sample(edited, cfg.eval_facts), key=lambda c: c.case_id)
         row: dict[str, Any] = {"facts_evaluated": len(edited)}
@@ -1167,13 +1180,17 @@ class Run:
             self._save(0, model, hp, host, monitor, {k: state[k] for k in BASELINE_KEYS if k in state})
             clock["eval"] = time.perf_counter() - began
             self._record_resources(0, host, clock)
-        extra = {k: state[k] for k in BASELINE_KEYS if k in state}
+        extra = {k: state[k] for k in (*BASELINE_KEYS, "stopped_at_collapse") if k in state}
         # Monitor metrics of each edit step since the last row ([edits, metrics]); in the checkpoint, so a resumed
         # run averages the same steps into its next row as an uninterrupted one.
         monitor_steps = None
         if cfg.monitors:
             monitor_steps = extra["monitor_steps"] = list(state.get("monitor_steps", []))
         target = cfg.edits if stop_after is None else min(cfg.edits, stop_after)
+        if extra.get("stopped_at_collapse") is not None:
+            target = done
+            print(f"[revive] {self.run_dir} stopped at its collapse at {done} edits (stop_at_collapse); to edit on, "
+                  f"set stop_at_collapse: false in {self.run_dir / 'config.yaml'} and resume")
         evaluated = {r["edits"] for r in read_rows(metrics_path)}
         bar = tqdm(total=cfg.edits, initial=done, desc=f"{cfg.name} edits", unit="edit")
         start, start_done = time.time(), done
@@ -1191,6 +1208,10 @@ class Run:
                     if monitor_steps is not None:
                         monitor_steps[:] = [s for s in monitor_steps if s[0] > done]
                     clock["eval"] = time.perf_counter() - began
+                    if cfg.stop_at_collapse and row.get("collapsed") and done:
+                        extra["stopped_at_collapse"] = target = done
+                        print(f"[revive] {cfg.name} collapsed at {done} edits (ppl ×{row['ppl_rel']:.2f} ≥ "
+                              f"{cfg.collapse_ppl_ratio:g}): the run stops here (stop_at_collapse)")
                     self._save(done, model, hp, host, monitor, extra)
                     self._record_resources(done, host, clock)
                     write_report(self.run_dir)
@@ -1217,6 +1238,6 @@ class Run:
             raise
         finally:
             bar.close()
-        if done >= cfg.edits:
+        if done >= cfg.edits or extra.get("stopped_at_collapse") is not None:
             write_report(self.run_dir)
         return self.run_dir

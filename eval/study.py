@@ -61,15 +61,25 @@ class StudyRun:
                 return int(item.split("=", 1)[1])
         return None
 
+    def _checkpoint_state(self) -> dict:
+        state = self.run_dir / "checkpoint" / "state.json"
+        return json.loads(state.read_text()) if state.exists() else {}
+
     def progress(self) -> tuple[int, Optional[int]]:
         """(edits done at the last checkpoint, the run's target) from its directory; (0, None) before it starts."""
-        state, config = self.run_dir / "checkpoint" / "state.json", self.run_dir / "config.yaml"
-        done = json.loads(state.read_text())["edits_done"] if state.exists() else 0
+        config = self.run_dir / "config.yaml"
+        done = self._checkpoint_state().get("edits_done", 0)
         target = yaml.safe_load(config.read_text()).get("edits") if config.exists() else None
         return done, target
 
+    def stopped_at_collapse(self) -> Optional[int]:
+        """The edits at which the run ended on its collapse (``stop_at_collapse``), else None."""
+        return self._checkpoint_state().get("stopped_at_collapse")
+
     def reached(self, edits: int) -> bool:
-        """Whether the run has a checkpoint and an evaluated row at ``edits`` or beyond."""
+        """Whether the run has a checkpoint and an evaluated row at ``edits`` or beyond (or ended at its collapse)."""
+        if self.stopped_at_collapse() is not None:
+            return True
         rows = read_rows(self.run_dir / "metrics.jsonl")
         return self.progress()[0] >= edits and any(r["edits"] >= edits for r in rows)
 
@@ -79,6 +89,9 @@ class StudyRun:
 
     def state(self) -> str:
         """finished, in progress or not started (from its directory)."""
+        stopped = self.stopped_at_collapse()
+        if stopped is not None:
+            return f"finished: collapsed at {stopped} edits (stop_at_collapse)"
         return "finished" if self.finished() else ("not started" if self.progress()[1] is None else "in progress")
 
     def status_line(self, width: int = 24) -> str:

@@ -318,3 +318,32 @@ def test_a_transform_that_is_not_installed_fails_before_anything_is_made(run_con
     assert "transforms names plugin(s) ['nope'] that are not installed; discovered plugins: [" in err
     assert "'revive'" in err and "Traceback" not in err
     assert not (tmp_path / "nope-run").exists()
+
+
+def test_stop_at_collapse_ends_the_run_at_its_first_collapsed_checkpoint(run_config, monkeypatch, capsys):
+    from revive_plugin.eval import perplexity as ppl_module
+    from revive_plugin.eval.study import StudyRun
+
+    calls = []
+
+    def rising(model, tok, texts, **kwargs):  # ×1 before the edits, then ×3: the first checkpoint collapses
+        calls.append(1)
+        return {"ppl": 10.0 * (1 + 2 * (len(calls) > 1)), "ppl_nll": 1.0, "ppl_tokens": 5}
+
+    monkeypatch.setattr(ppl_module, "perplexity", rising)
+    with pytest.raises(ValueError, match="stop_at_collapse needs the perplexity measure"):
+        run_config("no-ppl", stop_at_collapse=True, ppl=None)
+    cfg = run_config("stops", stop_at_collapse=True, edits=6, eval_facts=1, eval_all_at_end=True, fluency_prompts=0)
+    run_dir = Run.start(cfg).execute()
+    r = rows(run_dir)
+    assert [x["edits"] for x in r] == [0, 2] and r[1]["collapsed"] and r[1]["ppl_rel"] == pytest.approx(3.0)
+    assert r[0]["facts_evaluated"] == 1 and r[1]["facts_evaluated"] == 2  # the last checkpoint scores every fact
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["edits_done"] == 2 and state["stopped_at_collapse"] == 2
+    assert "collapsed at 2 edits" in capsys.readouterr().out
+    # A resume edits nothing more and says how to go on; a study counts the run as finished.
+    easyedit.disable_easyedit()
+    assert [x["edits"] for x in rows(Run.resume(run_dir).execute())] == [0, 2]
+    assert "stop_at_collapse: false" in capsys.readouterr().out
+    study_run = StudyRun("stops", "unused", ["edits=6"], run_dir)
+    assert study_run.finished() and study_run.reached(4) and "collapsed at 2 edits" in study_run.state()
