@@ -8,7 +8,7 @@ together, with the same objective, optimiser and stopping rule as easyeditor's, 
   the same lookup tokens, nll + kl_factor·KL + v_weight_decay·‖δ‖/‖h‖², Adam(lr = v_lr), the same
   early stop (loss < 5e-2, checked before the step) and the same clamp to clamp_norm_factor·‖h‖;
 * δ is one [requests, d] tensor under one Adam: Adam is elementwise, so each row follows exactly the
-  trajectory it would alone; a request that stopped leaves the batch and its row is frozen;
+  trajectory it would alone; a request that stopped leaves its chunk and its row is frozen;
 * exact savings, not approximations: the log-softmax is taken only at the target tokens (easyeditor takes it
   at every position of every prompt and discards the rest), the model's own logits are not materialised
   (the KL row's logits come from the final norm through the output embeddings), prompts of many requests
@@ -16,7 +16,10 @@ together, with the same objective, optimiser and stopping rule as easyeditor's, 
   each prompt's lookup token — which δ cannot reach in a causal model — are run once and kept as cached
   keys/values, so each step runs only the rest of the prompt, and the layers up to the z layer, whose output
   δ is added to and so cannot change, run once per chunk: later steps start from their saved output
-  (``skip_lower``; for decoder layers that return a plain tensor, as LLaMA-family layers do).
+  (``skip_lower``; for decoder layers that return a plain tensor, as LLaMA-family layers do). Chunks are
+  fixed: when requests stop, their rows are cut out of the chunk's saved keys/values and outputs, which are
+  kept (regrouping the remaining requests would re-run every chunk's prefix and lower layers — on SmolLM2
+  about 1.5 steps' worth of compute each time a request stopped).
 
 Only ``compute_z`` is replaced; key computation, covariance and the update stay easyeditor's.
 """
@@ -120,18 +123,23 @@ class _Prepared:
         }
 
 
-def _split_at_lookup(b: dict[str, Any], fill: int) -> Optional[dict[str, Any]]:
+def _split_at_lookup(b: dict[str, Any], fill: int, width: Optional[int] = None) -> Optional[dict[str, Any]]:
     """The batch as a left-padded prefix (tokens before each row's lookup token) and the rest.
 
     δ enters at the lookup token, so in a causal model every position before it is the same at every step:
     its keys and values are computed once (the prefix pass) and each step runs only the suffix on top of
-    them. Returns None when some row's lookup token is its first token (no prefix to cache).
+    them. Returns None when some row's lookup token is its first token (no prefix to cache). ``width``
+    (≥ the longest prefix) pads the prefix to a cache made for a larger batch whose rows these are.
     """
     ids, mask = b["enc"]["input_ids"], b["enc"]["attention_mask"]
     idx, lens = b["idxs"], mask.sum(1)
     if int(idx.min()) < 1:
         return None
     rows, width_p, width_s = ids.shape[0], int(idx.max()), int((lens - idx).max())
+    if width is not None:
+        if width < width_p:
+            raise ValueError(f"prefix width {width} is shorter than the longest prefix ({width_p})")
+        width_p = width
     pre_ids = torch.full((rows, width_p), fill, dtype=ids.dtype, device=ids.device)
     pre_mask = torch.zeros((rows, width_p), dtype=mask.dtype, device=ids.device)
     suf_ids = torch.full((rows, width_s), fill, dtype=ids.dtype, device=ids.device)
@@ -226,16 +234,19 @@ def compute_zs(
     keep_arg = "logits_to_keep" in forward_args
     prefix_cache = prefix_cache and "past_key_values" in forward_args and "position_ids" in forward_args
     fill = tok.pad_token_id if tok.pad_token_id is not None else 0
-    caches: dict[tuple[int, ...], Any] = {}
-    lower: dict[tuple[int, ...], torch.Tensor] = {}   # per chunk: the z layer's output before δ
+    built: dict[int, dict[str, Any]] = {}   # per chunk: its members, inputs and saved prefix keys/values
+    lower: dict[int, torch.Tensor] = {}     # per chunk: the z layer's output before δ
     below = [model.get_submodule(hparams.layer_module_tmp.format(i)) for i in range(layer)]
     n = len(requests)
+    # Fixed chunks of request indices: members only leave (when they stop), so saved passes stay usable.
+    chunks = [list(range(s, min(s + chunk, n))) for s in range(0, n, chunk)]
     d = int(getattr(model.config, "n_embd", None) or model.config.hidden_size)
     delta = torch.zeros((n, d), device=device, requires_grad=True)
     target_init = torch.zeros((n, d), device=device)
     kl_init: list[Optional[torch.Tensor]] = [None] * n
     opt = torch.optim.Adam([delta], lr=hparams.v_lr)
     max_norm = None
+    per = prep.n_rewrite + 1  # rows of one request in a chunk's batch
     active = list(range(n))
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -277,27 +288,39 @@ def compute_zs(
         for it in range(steps):
             opt.zero_grad()
             done_now: list[int] = []
-            for start in range(0, len(active), chunk):
-                which = active[start:start + chunk]
-                b = prep.batch(tok, which, device)
-                split = _split_at_lookup(b, fill) if prefix_cache else None
-                kwargs: dict[str, Any] = {"logits_to_keep": 1} if keep_arg else {}
-                if split is not None:
-                    b = split
-                    saved = caches.get(tuple(which))
-                    if saved is None:
+            for key, which in enumerate(chunks):
+                if not which:
+                    continue
+                entry = built.get(key)
+                if entry is None:
+                    entry = built[key] = {"which": which, "b": prep.batch(tok, which, device), "saved": None}
+                    split = _split_at_lookup(entry["b"], fill) if prefix_cache else None
+                    if split is not None:
                         state["prefix_pass"] = True
                         try:
                             with torch.no_grad():
-                                past = model(**b["prefix"], use_cache=True, **kwargs).past_key_values
+                                kw = {"logits_to_keep": 1} if keep_arg else {}
+                                past = model(**split["prefix"], use_cache=True, **kw).past_key_values
                         finally:
                             state["prefix_pass"] = False
-                        saved = caches[tuple(which)] = _legacy(past)
+                        entry.update(b=split, saved=_legacy(past))
+                elif entry["which"] != which:  # requests stopped: keep the rows of those that go on
+                    kept = [j for j, i in enumerate(entry["which"]) if i in set(which)]
+                    rows = torch.tensor([j * per + p for j in kept for p in range(per)], device=device)
+                    b = prep.batch(tok, which, device)
+                    if entry["saved"] is not None:
+                        b = _split_at_lookup(b, fill, width=entry["b"]["prefix_width"])
+                        entry["saved"] = tuple((k[rows], v[rows]) for k, v in entry["saved"])
+                    entry.update(which=which, b=b)
+                    if key in lower:
+                        lower[key] = lower[key][rows, :b["enc"]["input_ids"].shape[1]]
+                b = entry["b"]
+                kwargs: dict[str, Any] = {"logits_to_keep": 1} if keep_arg else {}
+                if entry["saved"] is not None:
                     # A fresh cache object each step: the forward appends this step's suffix to it.
-                    kwargs.update(past_key_values=_cache_from(saved), use_cache=True)
+                    kwargs.update(past_key_values=_cache_from(entry["saved"]), use_cache=True)
                 else:
                     kwargs["use_cache"] = False
-                key = tuple(which)
                 state.update(b=b, which=torch.tensor(which, device=device), record=(it == 0), key=key)
                 with _reusing_lower_layers(below, layer_mod, lower.get(key)):
                     model(**b["enc"], **kwargs)
@@ -324,10 +347,9 @@ def compute_zs(
                     keep = torch.tensor([not f for f in finished], device=device)
                     (loss * keep).sum().backward()
             bar.update(1)
-            active = [i for i in active if i not in set(done_now)]
-            if done_now:
-                caches.clear()  # chunks are regrouped from the remaining requests
-                lower.clear()
+            stopped = set(done_now)
+            active = [i for i in active if i not in stopped]
+            chunks = [[i for i in members if i not in stopped] for members in chunks]
             bar.set_postfix(active=len(active))
             if it == steps - 1 or not active:
                 break

@@ -64,6 +64,14 @@ def test_a_stopped_request_is_frozen_and_the_others_go_on(tmp_path, enabled, mod
     alone = [bz.compute_zs(model, tok, [r], hp, Z_LAYER, TEMPLATES, progress=False)[0] for r in REQUESTS]
     for a, s in zip(alone, stopped):
         assert torch.allclose(a, s, rtol=1e-4, atol=1e-5)
+    # In chunks, a stopped request's rows are cut out of its chunk's saved prefix: one prefix pass per chunk.
+    prefix_passes = []
+    real_legacy = bz._legacy
+    monkeypatch.setattr(bz, "_legacy", lambda past: prefix_passes.append(1) or real_legacy(past))
+    chunked = bz.compute_zs(model, tok, REQUESTS, hp, Z_LAYER, TEMPLATES, chunk=2, progress=False)
+    assert len(prefix_passes) == 2
+    for a, c in zip(alone, chunked):
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-5)
     for a, f in zip(alone_free, free):
         assert torch.allclose(a, f, rtol=1e-4, atol=1e-5)
     differs = [not torch.allclose(s, f, atol=1e-5) for s, f in zip(stopped, free)]
@@ -125,7 +133,7 @@ def test_prefix_cache_is_used_and_exact(tmp_path, enabled, model_tok, tiny_model
     hp = hparams(tmp_path, tiny_model_dir, v_num_grad_steps=5)
     splits = []
     real = bz._split_at_lookup
-    monkeypatch.setattr(bz, "_split_at_lookup", lambda b, fill: splits.append(real(b, fill)) or splits[-1])
+    monkeypatch.setattr(bz, "_split_at_lookup", lambda b, fill, **kw: splits.append(real(b, fill, **kw)) or splits[-1])
     cached = bz.compute_zs(model, tok, REQUESTS, hp, Z_LAYER, TEMPLATES, chunk=2, progress=False)
     assert splits and all(s is not None for s in splits)  # every step ran on cached prefixes
     full = bz.compute_zs(model, tok, REQUESTS, hp, Z_LAYER, TEMPLATES, chunk=2, progress=False, prefix_cache=False)
