@@ -83,6 +83,9 @@ class _Integration:
         self.projectors: set[tuple] = set()  # (module, model, layers, threshold) whose P / cache_c we set
         self.primed_projectors: set[str] = set()  # modules whose P / cache_c are ours
         self.pending_keys: dict[str, torch.Tensor] = {}  # cache_c from a checkpoint, set when P is
+        # revive.in_solve: per statistics key, (statistics, Vₖ, inverse, constrained) of the last step; with a
+        # fixed basis (W₀'s) the next step reuses it instead of another ‖C‖₂ and solve
+        self.constrained: dict[tuple, tuple] = {}
 
 
 _STATE = _Integration()
@@ -576,7 +579,11 @@ def _revive_in_solve(alg: str, main: Any, model: Any, host: PluginHost,
             continue
         key = (model_name, t.name.rpartition(".")[0])
         if key in original:
-            constrained[key] = constrained_statistics(original[key], filt.basis_for(t.name, weight).v, inverse)
+            stats, v = original[key], filt.basis_for(t.name, weight).v
+            last = _STATE.constrained.get(key)
+            if last is None or last[0] is not stats or last[1] is not v or last[2] != inverse:
+                last = _STATE.constrained[key] = (stats, v, inverse, constrained_statistics(stats, v, inverse))
+            constrained[key] = last[3]
             watched[key] = t.name
     with compat.temporarily(owner, attr, constrained):
         yield
@@ -819,6 +826,7 @@ def disable_easyedit() -> None:
     _STATE.enabled = False
     _STATE.hosts = weakref.WeakKeyDictionary()
     _STATE.stats_filled.clear()
+    _STATE.constrained.clear()
     # Templates sampled from one model must not leak into the next session's model.
     for module in _STATE.primed:
         compat.import_easyeditor(module).CONTEXT_TEMPLATES_CACHE = None

@@ -470,6 +470,23 @@ def test_revive_in_solve_solves_with_the_key_side_constraint(tmp_path, tiny_mode
             easyedit.disable_easyedit()
 
 
+@pytest.mark.parametrize("basis, built", [("original", 1), ("current", 2)])
+def test_revive_in_solve_builds_constrained_statistics_once_per_basis(tmp_path, enabled, tiny_model_dir,
+                                                                     monkeypatch, basis, built):
+    """With W₀'s basis the constrained statistics of a layer are built once and reused by later steps; with
+    the current weight's basis (new every step) they are built again."""
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = easyedit.constrained_statistics
+    monkeypatch.setattr(easyedit, "constrained_statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hp = load("MEMIT", write_hparams(tmp_path, MEMIT, tiny_model_dir,
+                                     revive={"tau": 0.3, "in_solve": True, "basis": basis}))
+    editor = editor_for(hp)
+    for request in (REQUEST, REQUEST2):
+        editor.edit(**request, keep_original_weight=False, verbose=False)
+    assert len(calls) == built * len(hp.layers)
+
+
 def test_revive_in_solve_is_refused_where_it_cannot_enter_the_solve(tmp_path, enabled, tiny_model_dir):
     """FT has no statistics-regularised solve; ROME without mom2_adjustment reads no statistics: both are refused
     before anything is written."""
