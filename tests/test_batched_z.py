@@ -175,3 +175,10 @@ def test_layers_up_to_z_run_once_per_chunk_and_exactly(tmp_path, enabled):
         tmp_path, {**MEMIT, "layers": [1], "v_loss_layer": 2, "v_num_grad_steps": 1}, d)), 1, TEMPLATES, progress=False)
     assert all(float((r - i).norm()) > 1e-3 for r, i in zip(reused, init))
     assert not any("forward" in vars(m) for m in model.model.layers)  # the layers' own forwards are back
+
+
+def test_requests_of_similar_length_share_a_chunk():
+    widths = [(8, 20), (2, 12), (8, 18), (3, 9), (2, 15)]
+    assert bz.chunk_requests(widths, 2) == [[1, 4], [2, 3], [0]]
+    assert bz.chunk_requests(widths, 16) == [[0, 1, 2, 3, 4]]
+    assert sorted(i for c in bz.chunk_requests(widths, 1) for i in c) == [0, 1, 2, 3, 4]
