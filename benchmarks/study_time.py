@@ -61,7 +61,8 @@ def run(runs: str = RUNS, target: int = 2000) -> dict:
                     "seconds_per_edit": per_edit, "eval_seconds": evals, "projected_hours": projection(per_edit),
                     "quiet_edits_timed": quiet_edits, "quiet_seconds_per_edit": per_edit_quiet,
                     "quiet_projected_hours": projection(per_edit_quiet),
-                    "rows": [{k: r.get(k) for k in ("edits", "edits_timed", "edit_seconds", "eval_seconds", "cpu_share")}
+                    "rows": [{k: r.get(k) for k in ("edits", "edits_timed", "edit_seconds", "eval_seconds", "cpu_share",
+                                                    "matmul_gflops", "cpu_model")}
                              for r in rows],
                     "batch_size": config["batch_size"], "eval_every": config["eval_every"]})
     return {"target": target, "runs": out}
@@ -82,11 +83,14 @@ def report(r: dict) -> str:
                              f"projected h for {r['target']}"], body)]
     per_row = [[x["run"], row["edits"], row.get("edits_timed", ""), row["edit_seconds"],
                 round(row["edit_seconds"] / row["edits_timed"], 2) if row.get("edits_timed") else "",
-                round(row["eval_seconds"]), row.get("cpu_share") if row.get("cpu_share") is not None else "(not recorded)"]
+                round(row["eval_seconds"]), row.get("cpu_share") if row.get("cpu_share") is not None else "(not recorded)",
+                row.get("matmul_gflops") or "(not recorded)"]
                for x in r["runs"] if not x.get("missing") for row in x["rows"]]
     lines += ["", "Per checkpoint row (CPU share: the process's CPU seconds over wall seconds × threads since the "
-              f"previous row; ≥ {QUIET_SHARE} means it had the machine to itself):",
-              markdown_table(["run", "edits", "edits timed", "editor s", "s / edit", "eval s", "CPU share"], per_row)]
+              f"previous row; ≥ {QUIET_SHARE} means it had the machine to itself; GFLOP/s: the machine's float32 "
+              "matrix-product speed measured at the checkpoint, which differs between sittings' machines):",
+              markdown_table(["run", "edits", "edits timed", "editor s", "s / edit", "eval s", "CPU share", "GFLOP/s"],
+                             per_row)]
     for key, what in (("projected_hours", "all timed rows"), ("quiet_projected_hours", "rows with the machine to itself")):
         done = [x for x in r["runs"] if x.get(key) is not None]
         if done:

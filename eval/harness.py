@@ -1073,7 +1073,8 @@ class Run:
 
     def _record_resources(self, done: int, host: Any, clock: dict) -> None:
         """Append memory and time since the previous checkpoint of this session to ``resources.jsonl``."""
-        from .resources import live_tensors, release_free_heap, reset_window_peak, rss_mb, window_peak_rss_mb
+        from .resources import (cpu_model, live_tensors, matmul_gflops, release_free_heap, reset_window_peak, rss_mb,
+                                window_peak_rss_mb)
 
         # window_peak: the highest RSS since the previous checkpoint (where the OS can reset it), so a
         # transient of one edit step is not carried into every later row; peak_rss_mb is the run's highest.
@@ -1095,6 +1096,8 @@ class Run:
                "threads": torch.get_num_threads(),
                "cpu_share": round((time.process_time() - clock["cpu"])
                                   / max(1e-9, (time.perf_counter() - clock["wall"]) * torch.get_num_threads()), 3)}
+        # the machine's speed now, so rows timed in different sittings (other machines) can be compared
+        row.update(cpu_model=cpu_model(), matmul_gflops=round(matmul_gflops(), 1))
         clock["cpu"], clock["wall"] = time.process_time(), time.perf_counter()
         clock["host"] = dict(host.seconds)
         clock["edits_at"] = done

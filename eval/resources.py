@@ -62,6 +62,41 @@ def release_free_heap() -> bool:
         return False
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else ``platform.processor()``), "" where nothing says."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def matmul_gflops(seconds: float = 0.3) -> float:
+    """float32 GFLOP/s of this process's torch threads on a fixed matrix product shaped like SmolLM2's MLP.
+
+    A speed reference for the time figures beside it: rows timed on different machines (or while something
+    else shared this one) differ by it, so seconds × GFLOP/s compare across sittings where seconds alone do not.
+    """
+    import time
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 576, generator=g), torch.randn(576, 1536, generator=g)
+    torch.mm(a, b)  # warm-up: thread pool, allocation
+    flops, n, began = 2 * 1024 * 576 * 1536, 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        n += 1
+        elapsed = time.perf_counter() - began
+        if elapsed >= seconds:
+            return n * flops / elapsed / 1e9
+
+
 def _is_tensor(obj: object, cls: type) -> bool:
     try:
         return isinstance(obj, cls)

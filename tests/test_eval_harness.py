@@ -88,6 +88,7 @@ def test_schedule_resume_equals_uninterrupted(run_config):
     assert all(0 < r["rss_mb"] <= r["peak_rss_mb"] + 1 and r["eval_seconds"] > 0 for r in res)
     assert all(r["live_tensors"] > 0 and r["live_tensor_mb"] > 0 and r["window_peak_rss_mb"] <= r["peak_rss_mb"] for r in res)
     assert all(r["threads"] == torch.get_num_threads() and 0 < r["cpu_share"] <= 1.05 for r in res)
+    assert all(r["matmul_gflops"] > 0 and isinstance(r["cpu_model"], str) for r in res)
 
     part = Run.start(run_config("resumed"))
     part.execute(stop_after=2)
