@@ -217,6 +217,7 @@ def compute_zs(
     progress: bool = True,
     prefix_cache: bool = True,
     skip_lower: bool = True,
+    delta_module: Optional[str] = None,
 ) -> list[torch.Tensor]:
     """Target vectors v* = h + δ at ``layer`` for every request, optimised together (see module docstring).
 
@@ -226,6 +227,9 @@ def compute_zs(
         at every step; exact, and off only for models whose forward takes no ``past_key_values``.
     :param skip_lower: run the layers up to ``layer`` once per chunk and reuse their output at later steps; exact
         (the same tensors), used where those layers return a plain tensor.
+    :param delta_module: template of the module inside layer ``layer`` whose output δ is added to and v* starts
+        from (ROME's ``compute_v``: ``hparams.mlp_module_tmp``); None: the layer's own output (MEMIT's
+        ``compute_z``). The layers below ``layer`` are then the ones run once per chunk.
     :returns: one [d] tensor per request, in order.
     """
     if chunk < 1:
@@ -237,6 +241,9 @@ def compute_zs(
     loss_layer = max(int(hparams.v_loss_layer), layer)
     layer_mod = model.get_submodule(hparams.layer_module_tmp.format(layer))
     loss_mod = model.get_submodule(hparams.layer_module_tmp.format(loss_layer))
+    # δ's module, and the module whose output later steps reuse (the layer itself, or the one below δ's layer)
+    delta_mod = layer_mod if delta_module is None else model.get_submodule(delta_module.format(layer))
+    reuse_at = layer if delta_module is None else layer - 1
     ln_f = model.get_submodule(hparams.ln_f_module)
     out_emb = model.get_output_embeddings()
     lm_w, lm_b = _lm_head(model, hparams)
@@ -246,7 +253,8 @@ def compute_zs(
     fill = tok.pad_token_id if tok.pad_token_id is not None else 0
     built: dict[int, dict[str, Any]] = {}   # per chunk: its members, inputs and saved prefix keys/values
     lower: dict[int, torch.Tensor] = {}     # per chunk: the z layer's output before δ
-    below = [model.get_submodule(hparams.layer_module_tmp.format(i)) for i in range(layer)]
+    layers = [model.get_submodule(hparams.layer_module_tmp.format(i)) for i in range(max(reuse_at, -1) + 1)]
+    reuse_mod, below = (layers[-1], layers[:-1]) if layers else (None, [])
     n = len(requests)
     # Fixed chunks: members only leave (when they stop), so the chunks' saved passes stay usable.
     chunks = chunk_requests([w if prefix_cache else w[::-1] for w in prep.widths], chunk)
@@ -264,20 +272,22 @@ def compute_zs(
 
     state: dict[str, Any] = {}
 
+    def at_reuse(_m: Any, _inp: Any, out: Any) -> None:
+        if not state.get("prefix_pass") and isinstance(out, torch.Tensor) and state["key"] not in lower:
+            lower[state["key"]] = out.detach()
+
     def at_layer(_m: Any, _inp: Any, out: Any) -> Any:
         if state.get("prefix_pass"):
             return out
         h = _hidden(out)
         b = state["b"]
-        if skip_lower and isinstance(out, torch.Tensor) and state["key"] not in lower:
-            lower[state["key"]] = out.detach()
         if state["record"]:
             target_init[state["which"]] = h[b["first_rows"], b["idxs"][b["first_rows"]]].detach()
         add = torch.zeros_like(h)
         add = add.index_put((b["rows"], b["idxs"]), delta[state["which"]][b["owner"]], accumulate=True)
         h = h + add
         out = _replace_hidden(out, h)
-        if loss_layer == layer:
+        if delta_mod is loss_mod:
             state["loss_h"] = h
         return out
 
@@ -289,8 +299,10 @@ def compute_zs(
         if not state.get("prefix_pass"):
             state["normed"] = out
 
-    hooks = [layer_mod.register_forward_hook(at_layer), ln_f.register_forward_hook(at_norm)]
-    if loss_layer != layer:
+    # The reuse hook first: on a shared module it saves the output before δ is added.
+    hooks = [reuse_mod.register_forward_hook(at_reuse)] if skip_lower and reuse_mod is not None else []
+    hooks += [delta_mod.register_forward_hook(at_layer), ln_f.register_forward_hook(at_norm)]
+    if delta_mod is not loss_mod:
         hooks.append(loss_mod.register_forward_hook(at_loss))
     steps = int(hparams.v_num_grad_steps)
     bar = tqdm(total=steps, desc=f"z ({n} requests)", leave=False, disable=not progress)
@@ -332,7 +344,7 @@ def compute_zs(
                 else:
                     kwargs["use_cache"] = False
                 state.update(b=b, which=torch.tensor(which, device=device), record=(it == 0), key=key)
-                with _reusing_lower_layers(below, layer_mod, lower.get(key)):
+                with _reusing_lower_layers(below, reuse_mod, lower.get(key)):
                     model(**b["enc"], **kwargs)
                 normed = state.pop("normed")
                 kl_logits = out_emb(normed[b["kl_rows"], b["idxs"][b["kl_rows"]]])

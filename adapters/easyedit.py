@@ -58,8 +58,9 @@ HOST_BLOCK = "edit_plugins"
 #: YAML block switching MEMIT's z optimisation to the batched path: ``batched_z: true`` or ``{chunk: 16}``.
 BATCHED_Z_BLOCK = "batched_z"
 #: Editors whose ``compute_z`` is MEMIT's (EasyEdit's tree at 14cea82: alphaedit/compute_z.py differs from
-#: memit/compute_z.py only in names): the ``batched_z:`` block applies to them.
-BATCHED_Z_EDITORS = ("MEMIT", "AlphaEdit")
+#: memit/compute_z.py only in names), and ROME, whose ``compute_v`` optimises the same objective with δ on the
+#: MLP's output: the ``batched_z:`` block applies to them.
+BATCHED_Z_EDITORS = ("MEMIT", "AlphaEdit", "ROME")
 #: Editors whose key lookups assume right padding: the tree's BaseEditor list, plus PMET (its lookups index right-padded
 #: batches too; left-padded, they read padding: NaN updates on the tiny LLaMA).
 RIGHT_PADDED = ("ROME", "MEMIT", "EMMET", "EAMET", "R-ROME", "AlphaEdit", "CORE", "SPHERE", "PMET")
@@ -229,8 +230,12 @@ def split_plugin_blocks(
     if BATCHED_Z_BLOCK in blocks:
         blocks[BATCHED_Z_BLOCK] = batched_z_options(blocks[BATCHED_Z_BLOCK], source)
         if blocks[BATCHED_Z_BLOCK] and editor is not None and editor not in BATCHED_Z_EDITORS:
-            raise ValueError(f"{source}: {BATCHED_Z_BLOCK} applies to {list(BATCHED_Z_EDITORS)} (MEMIT's compute_z), "
-                             f"not to {editor}; remove the block")
+            raise ValueError(f"{source}: {BATCHED_Z_BLOCK} applies to {list(BATCHED_Z_EDITORS)} (MEMIT's compute_z, "
+                             f"ROME's compute_v), not to {editor}; remove the block")
+        if blocks[BATCHED_Z_BLOCK] and editor == "ROME" and compat.source_tree() is not None:
+            raise ValueError(f"{source}: {BATCHED_Z_BLOCK} for ROME reproduces the PyPI release's compute_v, and "
+                             "EasyEdit's tree changed it (target tokens, device placement); remove the block "
+                             "to run the tree's own compute_v")
     try:
         blocks = validate_configs(pm, blocks, editor=editor, targets=targets)
     except ValueError as e:
@@ -663,7 +668,8 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                 z_options = configs.get(BATCHED_Z_BLOCK)
                 with contextlib.ExitStack() as stack:
                     if z_options:
-                        stack.enter_context(batched_compute_z(requests, **z_options, main=main))
+                        stack.enter_context(batched_compute_v(**z_options, main=main) if alg == "ROME"
+                                            else batched_compute_z(requests, **z_options, main=main))
                     if in_loop:
                         stack.enter_context(_revive_in_loop(alg, main, host, targets))
                     if in_solve:
@@ -672,7 +678,8 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
 
             def bare(reqs: Any) -> Any:  # the editor alone, for easyedit_select_layers' trials
                 z_options = configs.get(BATCHED_Z_BLOCK)
-                with batched_compute_z(reqs, **z_options, main=main) if z_options else contextlib.nullcontext():
+                with (batched_compute_v(**z_options, main=main) if alg == "ROME" else
+                      batched_compute_z(reqs, **z_options, main=main)) if z_options else contextlib.nullcontext():
                     return apply_fn(model, tok, reqs, hparams, *args, **kwargs)
 
             keys_before = main.cache_c.clone() if projector else None
@@ -739,6 +746,32 @@ def batched_compute_z(requests: Any, chunk: int = 16, early_exit: bool = True, m
     repr_tools = compat.import_easyeditor("easyeditor.models.rome.repr_tools")
     stopping = compat.stopping_nethook(repr_tools.nethook) if early_exit else None
     with compat.temporarily(main, "compute_z", compute_z), compat.temporarily(repr_tools, "nethook", stopping):
+        yield
+
+
+@contextlib.contextmanager
+def batched_compute_v(chunk: int = 16, early_exit: bool = True, main: Any = None) -> Iterator[None]:
+    """Within the block, ROME's ``compute_v`` optimises its target on the batched z path (``compute_zs`` with δ
+    on the MLP's output, as ``compute_v`` adds it) and then solves for the right vector exactly as easyeditor
+    does. The same objective, optimiser, stopping rule and clamp; the savings are the batched path's: prompt
+    prefixes and the layers below the edited one run once, logits only at the target tokens. (ROME edits one
+    request per call, so ``chunk`` and ``early_exit`` change nothing here.)
+    """
+    from .batched_z import compute_zs
+
+    main = main or compat.import_easyeditor("easyeditor.models.rome.rome_main")
+    v_module = compat.import_easyeditor(main.__name__.rpartition(".")[0] + ".compute_v")  # its package's compute_v.py
+
+    def compute_v(model: Any, tok: Any, request: Any, hparams: Any, layer: int, left_vector: torch.Tensor,
+                  context_templates: Any) -> torch.Tensor:
+        target = compute_zs(model, tok, [request], hparams, layer, [context_templates], progress=False,
+                            delta_module=hparams.mlp_module_tmp)[0]
+        cur_input, cur_output = v_module.get_module_input_output_at_word(
+            model, tok, layer, context_template=request["prompt"], word=request["subject"],
+            module_template=hparams.rewrite_module_tmp, fact_token_strategy=hparams.fact_token)
+        return (target - cur_output) / torch.dot(cur_input, left_vector)
+
+    with compat.temporarily(main, "compute_v", compute_v):
         yield
 
 

@@ -182,3 +182,72 @@ def test_requests_of_similar_length_share_a_chunk():
     assert bz.chunk_requests(widths, 2) == [[1, 4], [2, 3], [0]]
     assert bz.chunk_requests(widths, 16) == [[0, 1, 2, 3, 4]]
     assert sorted(i for c in bz.chunk_requests(widths, 1) for i in c) == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture
+def three_layers(tmp_path):
+    """A tiny LLaMA of 3 layers: an edited layer with layers below and above it, and a loss layer above that
+    (at the last layer δ reaches only its own position, so the target tokens' loss would not move)."""
+    from revive_plugin.eval.testing import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer(add_bos=False)
+    d = tmp_path / "three-layers"
+    tiny_llama(vocab_size=len(tok), seed=1, num_hidden_layers=3).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_rome_compute_v_on_the_batched_path_equals_easyeditors(tmp_path, enabled, three_layers, layer):
+    """δ on the MLP's output (ROME's compute_v), at the first layer (nothing below to reuse) and above it."""
+    from test_easyedit import ROME
+
+    model, tok = load_model(str(three_layers), padding_side="right")
+    hp = load("ROME", write_hparams(tmp_path, {**ROME, "layers": [layer], "v_loss_layer": 2, "v_num_grad_steps": 6},
+                                    three_layers))
+    main = import_easyeditor("easyeditor.models.rome.rome_main")
+    original = import_easyeditor("easyeditor.models.rome.compute_v").compute_v
+    templates = [t for group in TEMPLATES for t in group]
+    left = torch.randn(model.config.intermediate_size, generator=torch.Generator().manual_seed(0))
+    for r in REQUESTS:
+        with compat.cuda_redirect(torch.device("cpu")):
+            expected = original(model, tok, dict(r), hp, layer, left, templates)
+            with easyedit.batched_compute_v(main=main):
+                assert main.compute_v is not original
+                got = main.compute_v(model, tok, dict(r), hp, layer, left, templates)
+        assert torch.allclose(expected, got, rtol=1e-4, atol=1e-5), float((expected - got).abs().max())
+    assert main.compute_v is original
+    # the optimisation moved the target (the right vector differs from the one of the initial target)
+    with compat.cuda_redirect(torch.device("cpu")):
+        hp.v_num_grad_steps = 1
+        unmoved = original(model, tok, dict(REQUESTS[-1]), hp, layer, left, templates)
+    assert float((unmoved - expected).norm()) > 1e-3
+
+
+def test_rome_with_batched_z_edits_as_easyeditor_does(tmp_path, enabled, three_layers):
+    from test_easyedit import ROME
+
+    main = import_easyeditor("easyeditor.models.rome.rome_main")
+    deltas = {}
+    for name, extra in (("easyeditor", {}), ("batched", {"batched_z": True})):
+        (tmp_path / name).mkdir()
+        hp = load("ROME", write_hparams(tmp_path / name, {**ROME, "v_loss_layer": 2, "v_num_grad_steps": 6, **extra},
+                                        three_layers))
+        torch.manual_seed(0)
+        editor = editor_for(hp)
+        weights = edited_weights(editor, hp)
+        w0 = {n: w.detach().clone() for n, w in weights.items()}
+        calls = []
+        real = main.compute_v
+        main.compute_v = lambda *a, **k: calls.append(1) or real(*a, **k)
+        try:
+            editor.edit(prompts=["The mother tongue of Danielle Darrieux is"], target_new=["English"],
+                        ground_truth=["French"], subject=["Danielle Darrieux"], keep_original_weight=False,
+                        verbose=False)
+        finally:
+            main.compute_v = real
+        deltas[name] = ({n: w.detach() - w0[n] for n, w in weights.items()}, len(calls))
+    assert deltas["easyeditor"][1] == 1 and deltas["batched"][1] == 0  # easyeditor's compute_v never ran
+    for n, plain in deltas["easyeditor"][0].items():
+        assert float(plain.norm()) > 0
+        torch.testing.assert_close(deltas["batched"][0][n], plain, rtol=1e-3, atol=1e-5 * float(plain.abs().max()))
