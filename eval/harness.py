@@ -1045,13 +1045,13 @@ class Run:
         At the run's ``last`` checkpoint with ``eval_all_at_end`` every edited fact is scored, else a seeded
         sample of ``eval_facts`` of them.
 
-        At 0 edits these are the pre-edit scores of the facts the run is going to edit: the same seeded
-        sample size of its ``edits`` cases (all of them with ``eval_facts: all``), and its first batch as the
-        "batch just edited". They are the point every efficacy line starts from: how often the unedited model
-        already prefers the new object.
+        At 0 edits these are the pre-edit scores of the facts the first checkpoint will score (the same seeded
+        sample of its edits; so they do not depend on how far a run is later extended), and of the first batch
+        as the "batch just edited". They are the point every efficacy line starts from: how often the unedited
+        model already prefers the new object.
         """
         cfg = self.config
-        edited = cases[:done] if done else cases[:cfg.edits]
+        edited = cases[:done] if done else cases[:min(cfg.eval_every, cfg.edits)]
         if cfg.eval_facts != "all" and len(edited) > cfg.eval_facts and not (done and last and cfg.eval_all_at_end):
             rng = random.Random(cfg.seed)
             edited = sorted(rng.sample(edited, cfg.eval_facts), key=lambda c: c.case_id)

@@ -76,8 +76,8 @@ def test_schedule_resume_equals_uninterrupted(run_config):
     r1 = rows(straight)
     assert [r["edits"] for r in r1] == [0, 2, 4]
     assert r1[0]["glue_sst2_accuracy"] == r1[0]["glue_sst2_accuracy"]  # baseline present
-    # the pre-edit row scores the facts the run will edit (all 4 here) and its first batch, before editing them
-    assert r1[0]["facts_evaluated"] == 4 and "efficacy_score" in r1[0] and "last_batch_efficacy_score" in r1[0]
+    # the pre-edit row scores the facts of the first checkpoint (2 here) and the first batch, before editing them
+    assert r1[0]["facts_evaluated"] == 2 and "efficacy_score" in r1[0] and "last_batch_efficacy_score" in r1[0]
     assert r1[0]["efficacy_magnitude"] != r1[-1]["efficacy_magnitude"]  # measured before the edits, not after
     assert "efficacy_score" in r1[-1] and r1[-1]["facts_evaluated"] == 4
     assert r1[-1]["fluency_prompts"] == 4 and r1[-1]["fluency"] >= 0.0
