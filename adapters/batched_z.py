@@ -186,23 +186,24 @@ def _cache_from(saved: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> Any:
 
 
 @contextlib.contextmanager
-def _reusing_lower_layers(below: Sequence[torch.nn.Module], z_layer: torch.nn.Module,
+def _reusing_lower_layers(below: Sequence[torch.nn.Module], top: torch.nn.Module,
                           saved: Optional[torch.Tensor]) -> Iterator[None]:
-    """Within the block the layers below the z layer pass their input through and the z layer returns
-    ``saved`` (its output at the chunk's first step), so a step computes only the layers above (no-op if None).
+    """Within the block the layers ``below`` pass their input through and ``top`` (the z layer, or for δ inside
+    a layer the one under it) returns ``saved`` (its output at the chunk's first step), so a step computes only
+    the layers above (no-op if None).
 
-    The z layer's forward hooks still run on ``saved``: that is where δ is added.
+    ``top``'s forward hooks still run on ``saved`` (with δ on the z layer's output, that is where it is added).
     """
     if saved is None:
         yield
         return
     for m in below:
         m.forward = lambda hidden_states, *args, **kwargs: hidden_states
-    z_layer.forward = lambda *args, **kwargs: saved
+    top.forward = lambda *args, **kwargs: saved
     try:
         yield
     finally:
-        for m in (*below, z_layer):
+        for m in (*below, top):
             del m.forward
 
 
@@ -251,9 +252,10 @@ def compute_zs(
     keep_arg = "logits_to_keep" in forward_args
     prefix_cache = prefix_cache and "past_key_values" in forward_args and "position_ids" in forward_args
     fill = tok.pad_token_id if tok.pad_token_id is not None else 0
+    logits_kw: dict[str, Any] = {"logits_to_keep": 1} if keep_arg else {}  # no logits beyond the last position
     built: dict[int, dict[str, Any]] = {}   # per chunk: its members, inputs and saved prefix keys/values
-    lower: dict[int, torch.Tensor] = {}     # per chunk: the z layer's output before δ
-    layers = [model.get_submodule(hparams.layer_module_tmp.format(i)) for i in range(max(reuse_at, -1) + 1)]
+    lower: dict[int, torch.Tensor] = {}     # per chunk: the reused module's output (before δ)
+    layers = [model.get_submodule(hparams.layer_module_tmp.format(i)) for i in range(reuse_at + 1)]
     reuse_mod, below = (layers[-1], layers[:-1]) if layers else (None, [])
     n = len(requests)
     # Fixed chunks: members only leave (when they stop), so the chunks' saved passes stay usable.
@@ -321,13 +323,13 @@ def compute_zs(
                         state["prefix_pass"] = True
                         try:
                             with torch.no_grad():
-                                kw = {"logits_to_keep": 1} if keep_arg else {}
-                                past = model(**split["prefix"], use_cache=True, **kw).past_key_values
+                                past = model(**split["prefix"], use_cache=True, **logits_kw).past_key_values
                         finally:
                             state["prefix_pass"] = False
                         entry.update(b=split, saved=_legacy(past))
                 elif entry["which"] != which:  # requests stopped: keep the rows of those that go on
-                    kept = [j for j, i in enumerate(entry["which"]) if i in set(which)]
+                    going_on = set(which)
+                    kept = [j for j, i in enumerate(entry["which"]) if i in going_on]
                     rows = torch.tensor([j * per + p for j in kept for p in range(per)], device=device)
                     b = prep.batch(tok, which, device)
                     if entry["saved"] is not None:
@@ -337,7 +339,7 @@ def compute_zs(
                     if key in lower:
                         lower[key] = lower[key][rows, :b["enc"]["input_ids"].shape[1]]
                 b = entry["b"]
-                kwargs: dict[str, Any] = {"logits_to_keep": 1} if keep_arg else {}
+                kwargs: dict[str, Any] = dict(logits_kw)
                 if entry["saved"] is not None:
                     # A fresh cache object each step: the forward appends this step's suffix to it.
                     kwargs.update(past_key_values=_cache_from(entry["saved"]), use_cache=True)

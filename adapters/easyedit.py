@@ -665,11 +665,8 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
             in_loop, in_solve = _revive_variants(alg, main, configs, fed)
 
             def run() -> Any:
-                z_options = configs.get(BATCHED_Z_BLOCK)
                 with contextlib.ExitStack() as stack:
-                    if z_options:
-                        stack.enter_context(batched_compute_v(**z_options, main=main) if alg == "ROME"
-                                            else batched_compute_z(requests, **z_options, main=main))
+                    stack.enter_context(_batched_z(alg, main, requests, configs.get(BATCHED_Z_BLOCK)))
                     if in_loop:
                         stack.enter_context(_revive_in_loop(alg, main, host, targets))
                     if in_solve:
@@ -677,9 +674,7 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                     return apply_fn(model, tok, requests, hparams, *args, **kwargs)
 
             def bare(reqs: Any) -> Any:  # the editor alone, for easyedit_select_layers' trials
-                z_options = configs.get(BATCHED_Z_BLOCK)
-                with (batched_compute_v(**z_options, main=main) if alg == "ROME" else
-                      batched_compute_z(reqs, **z_options, main=main)) if z_options else contextlib.nullcontext():
+                with _batched_z(alg, main, reqs, configs.get(BATCHED_Z_BLOCK)):
                     return apply_fn(model, tok, reqs, hparams, *args, **kwargs)
 
             keys_before = main.cache_c.clone() if projector else None
@@ -717,6 +712,16 @@ def memit_request(request: Mapping[str, Any]) -> dict:
 
 def _z_key(request: Mapping[str, Any]) -> tuple[str, str, str]:
     return request["prompt"], request["subject"], request["target_new"]
+
+
+def _batched_z(alg: str, main: Any, requests: Any, options: Optional[dict]) -> contextlib.AbstractContextManager:
+    """The ``batched_z:`` block's context for one step of ``alg``: ROME's compute_v or MEMIT's compute_z on the
+    batched path, or nothing when the block is off."""
+    if not options:
+        return contextlib.nullcontext()
+    if alg == "ROME":
+        return batched_compute_v(**options, main=main)
+    return batched_compute_z(requests, **options, main=main)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,8 @@ from revive_plugin.filter import ReviveFilter
 
 #: Pre-edit measurements kept in the checkpoint's state so a resumed run compares with the same baseline.
 BASELINE_KEYS = ("pre_locality", "glue_baseline", "ppl_baseline")
+#: The checkpoint state key of a run that ended at its collapse (``stop_at_collapse``): the edits it ended at.
+STOPPED_AT_COLLAPSE = "stopped_at_collapse"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -1058,8 +1060,8 @@ class Run:
         row: dict[str, Any] = {"facts_evaluated": len(edited)}
         row.update(evaluate_facts(model, tok, edited, state.get("pre_locality")))
         if cfg.eval_last_batch:
-            last = cases[(done - 1) // cfg.batch_size * cfg.batch_size:done] if done else cases[:cfg.batch_size]
-            scores = evaluate_facts(model, tok, last, state.get("pre_locality"))
+            batch = cases[(done - 1) // cfg.batch_size * cfg.batch_size:done] if done else cases[:cfg.batch_size]
+            scores = evaluate_facts(model, tok, batch, state.get("pre_locality"))
             row.update({f"last_batch_{k}": v for k, v in scores.items() if not k.startswith("easyedit_")})
         prompts = [c.generation_prompts[0] for c in edited if c.generation_prompts][: cfg.fluency_prompts]
         if prompts:
@@ -1183,14 +1185,14 @@ class Run:
             self._save(0, model, hp, host, monitor, {k: state[k] for k in BASELINE_KEYS if k in state})
             clock["eval"] = time.perf_counter() - began
             self._record_resources(0, host, clock)
-        extra = {k: state[k] for k in (*BASELINE_KEYS, "stopped_at_collapse") if k in state}
+        extra = {k: state[k] for k in (*BASELINE_KEYS, STOPPED_AT_COLLAPSE) if k in state}
         # Monitor metrics of each edit step since the last row ([edits, metrics]); in the checkpoint, so a resumed
         # run averages the same steps into its next row as an uninterrupted one.
         monitor_steps = None
         if cfg.monitors:
             monitor_steps = extra["monitor_steps"] = list(state.get("monitor_steps", []))
         target = cfg.edits if stop_after is None else min(cfg.edits, stop_after)
-        if extra.get("stopped_at_collapse") is not None:
+        if extra.get(STOPPED_AT_COLLAPSE) is not None:
             target = done
             print(f"[revive] {self.run_dir} stopped at its collapse at {done} edits (stop_at_collapse); to edit on, "
                   f"set stop_at_collapse: false in {self.run_dir / 'config.yaml'} and resume")
@@ -1212,7 +1214,7 @@ class Run:
                         monitor_steps[:] = [s for s in monitor_steps if s[0] > done]
                     clock["eval"] = time.perf_counter() - began
                     if cfg.stop_at_collapse and row.get("collapsed") and done:
-                        extra["stopped_at_collapse"] = target = done
+                        extra[STOPPED_AT_COLLAPSE] = target = done
                         print(f"[revive] {cfg.name} collapsed at {done} edits (ppl ×{row['ppl_rel']:.2f} ≥ "
                               f"{cfg.collapse_ppl_ratio:g}): the run stops here (stop_at_collapse)")
                     self._save(done, model, hp, host, monitor, extra)
@@ -1241,6 +1243,6 @@ class Run:
             raise
         finally:
             bar.close()
-        if done >= cfg.edits or extra.get("stopped_at_collapse") is not None:
+        if done >= cfg.edits or extra.get(STOPPED_AT_COLLAPSE) is not None:
             write_report(self.run_dir)
         return self.run_dir

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import yaml
 
-from .harness import read_rows
+from .harness import STOPPED_AT_COLLAPSE, read_rows
 
 
 STUDY_DIR = Path(__file__).resolve().parent / "studies"
@@ -74,7 +74,7 @@ class StudyRun:
 
     def stopped_at_collapse(self) -> Optional[int]:
         """The edits at which the run ended on its collapse (``stop_at_collapse``), else None."""
-        return self._checkpoint_state().get("stopped_at_collapse")
+        return self._checkpoint_state().get(STOPPED_AT_COLLAPSE)
 
     def reached(self, edits: int) -> bool:
         """Whether the run has a checkpoint and an evaluated row at ``edits`` or beyond (or ended at its collapse)."""
