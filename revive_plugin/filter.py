@@ -30,6 +30,9 @@ class ReviveFilter:
     def __init__(self, config: Union[ReviveConfig, dict, None] = None):
         self.config = ReviveConfig.from_dict(config) if not isinstance(config, ReviveConfig) else config
         self._reference: dict[str, ProtectedBasis] = {}
+        # basis="current": the last weight each basis was computed from, so the solve (revive.in_solve) and the
+        # filter of the same step share one SVD of the same pre-step weight.
+        self._current: dict[str, tuple[torch.Tensor, ProtectedBasis]] = {}
 
     # -- bases -----------------------------------------------------------------------------------
     def reference(self, name: str) -> Optional[ProtectedBasis]:
@@ -54,7 +57,12 @@ class ReviveFilter:
         reference = self.observe(name, weight)
         if self.config.basis == "original":
             return reference
-        return protected_basis(weight, self.config.tau, self.config.svd)
+        last = self._current.get(name)
+        if last is not None and last[0].shape == weight.shape and torch.equal(last[0], weight.detach()):
+            return last[1]
+        basis = protected_basis(weight, self.config.tau, self.config.svd)
+        self._current[name] = (weight.detach().clone(), basis)
+        return basis
 
     def reconfigured(self, config: ReviveConfig) -> "ReviveFilter":
         """A filter with ``config`` that keeps this one's W₀ bases when τ (and so every k) is unchanged."""
@@ -66,6 +74,7 @@ class ReviveFilter:
     def reset(self) -> None:
         """Forget every cached basis (the next weight seen becomes W₀)."""
         self._reference.clear()
+        self._current.clear()
 
     # -- filtering -------------------------------------------------------------------------------
     def selects(self, name: str, layer: Optional[int] = None) -> bool:

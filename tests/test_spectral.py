@@ -129,6 +129,26 @@ def test_filter_caches_original_basis_and_current_basis_moves():
     assert orig.cache_floats == k * (12 + 20 + 1)
 
 
+def test_current_basis_is_computed_once_per_weight(monkeypatch):
+    """basis="current": the solve and the filter of one step see the same pre-step weight and share one SVD;
+    a changed weight (next step) gets a new basis."""
+    import revive_plugin.filter as filter_module
+
+    calls = []
+    real = filter_module.protected_basis
+    monkeypatch.setattr(filter_module, "protected_basis", lambda w, *a: calls.append(1) or real(w, *a))
+    w0, _, _ = matrix_with_spectrum([9, 5, 3, 1], 12, 20, seed=3)
+    delta = torch.randn(12, 20, dtype=torch.float64)
+    cur = ReviveFilter(ReviveConfig(tau=0.3, basis="current"))
+    cur.observe("p", w0)  # W₀'s basis
+    first = cur.basis_for("p", w0.clone())
+    assert cur.basis_for("p", w0.clone()) is first and len(calls) == 2
+    w1 = w0 + cur.filter("p", delta, w0)
+    assert len(calls) == 2
+    torch.testing.assert_close(cur.filter("p", delta, w1), safe_update(delta, w1, 0.3))
+    assert len(calls) == 3
+
+
 def test_filter_layer_subset_and_disabled():
     w, _, _ = matrix_with_spectrum([5, 1], 6, 6)
     delta = torch.randn(6, 6, dtype=torch.float64)
