@@ -33,6 +33,7 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Optional
 import torch
 import yaml
 
+from revive_plugin import yamlio
 from revive_plugin.host import (
     PLUGINS_ENV,
     PluginHost,
@@ -286,7 +287,7 @@ def _wrap_from_hparams(cls: type) -> None:
     def from_hparams(klass: type, hparams_name_or_path: str) -> Any:
         path = hparams_name_or_path if ".yaml" in hparams_name_or_path else hparams_name_or_path + ".yaml"
         with open(path, encoding="utf-8") as fh:
-            config = yaml.safe_load(fh)
+            config = yamlio.load(fh)
         if not isinstance(config, dict):
             return original(klass, hparams_name_or_path)
         rest, blocks = split_plugin_blocks(config, source=path, fields=hparams_fields(klass))

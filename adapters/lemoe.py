@@ -57,8 +57,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
+
+from revive_plugin import yamlio
 
 __all__ = ["ALG_NAME", "LEMoEAdaptor", "LEMoEHyperParams", "adaptor_of", "apply_lemoe_to_model", "attach_adaptor",
            "detach_adaptor", "lemoe_state", "restore_lemoe_state", "route"]
@@ -118,7 +119,7 @@ class LEMoEHyperParams:
     def from_hparams(cls, hparams_name_or_path: str) -> "LEMoEHyperParams":
         path = hparams_name_or_path if ".yaml" in hparams_name_or_path else hparams_name_or_path + ".yaml"
         with open(path, encoding="utf-8") as fh:
-            config = yaml.safe_load(fh)
+            config = yamlio.load(fh)
         if not isinstance(config, dict):
             raise ValueError(f"{path}: expected a mapping of LEMoE settings")
         fields = {f.name for f in dataclasses.fields(cls)}

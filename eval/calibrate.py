@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-import yaml
 from tqdm.auto import tqdm
+
+from revive_plugin import yamlio
 
 from .harness import Run, RunConfig, evaluate_facts, ordered_cases, use_easyedit_source
 from .report import markdown_table
@@ -49,7 +50,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
         if "=" not in item:
             raise ValueError(f"grid item {item!r} must look like key=[v1, v2] (e.g. mom2_update_weight=[15000, 1500])")
         key, raw = item.split("=", 1)
-        values = yaml.safe_load(raw)
+        values = yamlio.load(raw)
         grid[key.strip()] = values if isinstance(values, list) else [values]
         if not grid[key.strip()]:
             raise ValueError(f"grid item {item!r} has no values")

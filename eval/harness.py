@@ -29,6 +29,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from revive_plugin import yamlio
 from revive_plugin.config import ReviveConfig
 from revive_plugin.filter import ReviveFilter
 
@@ -150,7 +151,7 @@ class RunConfig:
         if not p.exists():
             raise FileNotFoundError(f"run config {path} not found (shipped: {sorted(x.stem for x in CONFIG_DIR.glob('*.yaml'))})")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yamlio.load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"run config {p} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
@@ -193,7 +194,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a mapping")
-        target[parts[-1]] = yaml.safe_load(raw)
+        target[parts[-1]] = yamlio.load(raw)
     return data
 
 
@@ -487,7 +488,7 @@ def read_run_config(path: Path) -> dict:
     fix = ("the run's settings cannot be read. Restore the file from a backup, or rewrite it with the settings the run "
            "was started with (the run config and any --set overrides), then resume")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yamlio.load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is damaged (not valid YAML: {e}); {fix}") from e
     if not isinstance(data, dict):
@@ -813,7 +814,7 @@ class Run:
         from revive_plugin.adapters.editors import hparams_classes
 
         path = _resolve_file(self.config.hparams)
-        alg = (yaml.safe_load(path.read_text()) or {}).get("alg_name")
+        alg = (yamlio.load(path.read_text()) or {}).get("alg_name")
         classes = hparams_classes()
         if alg not in classes:
             raise ValueError(f"{path}: alg_name {alg!r} is not one of {sorted(classes)}")

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
+from revive_plugin import yamlio
 
 from .collapse import (DEFAULT_DELTA_REL, DEFAULT_SIGMA_MAX_RATIO, collapse_measured, collapse_point,
                        early_warning, layer_values, lead_time, sigma_max_growth)
@@ -205,7 +205,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write ``summary.md`` and the figures (editing.png, glue.png, spectral.png) of one run; returns the summary."""
     run_dir = Path(run_dir)
     rows = _with_spectral(read_rows(run_dir))
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = yamlio.load((run_dir / "config.yaml").read_text())
     rules = _rule_text(_ratio(config))
     eval_facts = config.get("eval_facts", "all")
     lines = [f"# {config['name']}", "",
@@ -236,7 +236,7 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     series: dict[str, list[Row]] = {}
     ratios: dict[str, float] = {}
     for d in run_dirs:
-        config = yaml.safe_load((Path(d) / "config.yaml").read_text())
+        config = yamlio.load((Path(d) / "config.yaml").read_text())
         label = config["name"] if config["name"] not in series else f"{config['name']} ({d})"
         series[label], ratios[label] = _with_spectral(read_rows(d)), _ratio(config)
     labels = list(series)

@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import yaml
 
+from revive_plugin import yamlio
+
 from .harness import STOPPED_AT_COLLAPSE, read_rows
 
 
@@ -69,7 +71,7 @@ class StudyRun:
         """(edits done at the last checkpoint, the run's target) from its directory; (0, None) before it starts."""
         config = self.run_dir / "config.yaml"
         done = self._checkpoint_state().get("edits_done", 0)
-        target = yaml.safe_load(config.read_text()).get("edits") if config.exists() else None
+        target = yamlio.load(config.read_text()).get("edits") if config.exists() else None
         return done, target
 
     def stopped_at_collapse(self) -> Optional[int]:
@@ -160,7 +162,7 @@ def find_spec(path: str | Path, directory: Path, kind: str) -> Path:
 def read_spec(p: Path, allowed: Sequence[str], kind: str) -> dict:
     """The mapping in a study or sweep file, refusing settings not in ``allowed``."""
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yamlio.load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{kind} file {p} is not valid YAML: {e}") from e
     if not isinstance(data, dict):

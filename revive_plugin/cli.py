@@ -43,6 +43,8 @@ def read_hparams_yaml(path: Any, required: dict[str, str], purpose: str) -> dict
     who needs them, e.g. "revive edit-stats"."""
     import yaml
 
+    from revive_plugin import yamlio
+
     p = Path(path).expanduser()
     example = "hparams/MEMIT/smollm2-135m.yaml"
     described = "; ".join(f"{k}: {v}" for k, v in required.items() if v)
@@ -55,7 +57,7 @@ def read_hparams_yaml(path: Any, required: dict[str, str], purpose: str) -> dict
     if p.is_dir():
         raise ValueError(f"hparams file {path} is a directory, not a YAML file. {expected}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yamlio.load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = (f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark and problem

@@ -32,6 +32,8 @@ def config(tmp_path, tiny_model_dir, monkeypatch):
 def test_parse_grid():
     assert parse_grid(["mom2_update_weight=[100, 10]", "run.transforms=[[], [revive]]", "v_lr=0.5"]) == {
         "mom2_update_weight": [100, 10], "run.transforms": [[], ["revive"]], "v_lr": [0.5]}
+    # exponent notation is a number, as in EasyEdit's hparams (PyYAML alone reads 5e-4 as a string)
+    assert parse_grid(["lr=[5e-4, 5.0e-3, 1E3]", "name=['5e-4']"]) == {"lr": [5e-4, 5e-3, 1000.0], "name": ["5e-4"]}
     with pytest.raises(ValueError, match="key=\\[v1, v2\\]"):
         parse_grid(["mom2_update_weight"])
 

@@ -47,6 +47,7 @@ def rows(run_dir):
 
 def test_overrides_and_validation():
     assert apply_overrides({"revive": {"tau": 0.1}}, ["revive.tau=0.2", "edits=20"]) == {"revive": {"tau": 0.2}, "edits": 20}
+    assert apply_overrides({}, ["hparams_overrides.lr=5e-4"]) == {"hparams_overrides": {"lr": 5e-4}}
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides({}, ["edits"])
     with pytest.raises(ValueError, match="edits must be a positive integer"):
