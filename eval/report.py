@@ -61,7 +61,7 @@ EDITING_PANELS: list[list[Panel]] = [
 #: The one-figure answer (headline.png): do edits still land, and is the model still alive?
 HEADLINE_PANELS: list[list[Panel]] = [
     [("Efficacy of the batch just edited", ("last_batch_efficacy_score", "last_batch_efficacy")),
-     ("Efficacy of edited facts (sample)", ("efficacy_score", "efficacy")),
+     ("Efficacy of edited facts (sample; all at the end)", ("efficacy_score", "efficacy")),
      ("Perplexity / pre-edit perplexity", ("ppl_rel",))],
 ]
 SPECTRAL_PANELS: list[list[Panel]] = [
