@@ -87,6 +87,11 @@ class RunConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if self.eval_every % self.batch_size:
+            # checkpoints come after whole batches: any other eval_every would silently skip its checkpoints
+            fit = max(self.batch_size, self.eval_every // self.batch_size * self.batch_size)
+            raise ValueError(f"eval_every ({self.eval_every}) must be a multiple of batch_size ({self.batch_size}): "
+                             f"checkpoints come after whole batches; e.g. eval_every: {fit}")
         if not (self.eval_facts == "all" or (isinstance(self.eval_facts, int) and self.eval_facts > 0)):
             raise ValueError(f"eval_facts must be 'all' or a positive integer, got {self.eval_facts!r}")
         if self.ppl is not None:

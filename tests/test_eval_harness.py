@@ -52,6 +52,8 @@ def test_overrides_and_validation():
         apply_overrides({}, ["edits"])
     with pytest.raises(ValueError, match="edits must be a positive integer"):
         RunConfig(name="x", hparams="h.yaml", edits=0)
+    with pytest.raises(ValueError, match=r"eval_every \(50\) must be a multiple of batch_size \(20\).*eval_every: 40"):
+        RunConfig(name="x", hparams="h.yaml", edits=100, batch_size=20, eval_every=50)
     with pytest.raises(ValueError, match="unknown run setting.*edit_count"):
         RunConfig.from_dict({"name": "x", "hparams": "h", "edit_count": 3})
     with pytest.raises(ValueError, match="revive.tau"):

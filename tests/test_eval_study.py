@@ -95,6 +95,19 @@ def test_stages_advance_the_runs_together(study_file, tmp_path, capsys):
         Study.load(study_file(stages=[3, 2]))
 
 
+def test_a_run_ending_at_a_stage_finishes_in_that_round(tmp_path):
+    """Runs to 4 and to 2 edits with stages [2, 3]: the short run finishes in the first round, before the long one
+    goes on to 3."""
+    from revive_plugin.eval.study import _tasks
+
+    spec = {"name": "t", "output": str(tmp_path / "out"), "stages": [2, 3],
+            "runs": {"long": {"config": "c.yaml", "set": ["edits=4"]}, "short": {"config": "c.yaml", "set": ["edits=2"]}}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec))
+    study = Study.load(tmp_path / "t.yaml")
+    order = [(r.name, stage) for r, stage in _tasks(study, list(study.runs.values()))]
+    assert order == [("long", 2), ("short", None), ("long", 3), ("long", None), ("short", None)]
+
+
 def test_common_overrides_go_to_every_run_before_its_own(tmp_path):
     spec = {"name": "c", "output": str(tmp_path / "out"), "data_root": "/data",
             "common": ["edits=8", "data={data_root}/cf.json", "revive.tau=0.1"],
