@@ -255,17 +255,20 @@ def _threads(parallel: int) -> int:
 def _tasks(study: Study, runs: Sequence[StudyRun]) -> list[tuple[StudyRun, Optional[int]]]:
     """(run, pause point) in order: every run to each stage in turn, then every run to its end.
 
-    A run whose end is a stage finishes in that stage's round (the length study's 500-edit ROME runs finish before
-    the 2,000-edit runs go on to 1,000), so shorter runs are not queued behind every stage of the longer ones.
+    A run whose end falls within a stage (above the previous stage, at or below this one) finishes in that stage's
+    round (the length study's 500-edit ROME runs finish before the 2,000-edit runs go on to 1,000), so shorter runs
+    are not queued behind every stage of the longer ones.
     """
     tasks: list[tuple[StudyRun, Optional[int]]] = []
+    previous = 0
     for stage in study.stages:
         for r in runs:
             target = r.target_edits or r.progress()[1] or stage + 1
             if stage < target:
                 tasks.append((r, stage))
-            elif stage == target:
+            elif previous < target:
                 tasks.append((r, None))
+        previous = stage
     return tasks + [(r, None) for r in runs]
 
 

@@ -58,7 +58,7 @@ class ReviveFilter:
         if self.config.basis == "original":
             return reference
         last = self._current.get(name)
-        if last is not None and last[0].shape == weight.shape and torch.equal(last[0], weight.detach()):
+        if last is not None and torch.equal(last[0], weight.detach()):  # False also for another shape
             return last[1]
         basis = protected_basis(weight, self.config.tau, self.config.svd)
         self._current[name] = (weight.detach().clone(), basis)

@@ -96,8 +96,8 @@ def test_stages_advance_the_runs_together(study_file, tmp_path, capsys):
 
 
 def test_a_run_ending_at_a_stage_finishes_in_that_round(tmp_path):
-    """Runs to 4 and to 2 edits with stages [2, 3]: the short run finishes in the first round, before the long one
-    goes on to 3."""
+    """Runs to 4 and 2 edits with stages [2, 3]: the short run finishes in the first round, before the long one goes
+    on to 3; with a run to 3 and stages [2, 4], that run (ending between the stages) finishes in the second round."""
     from revive_plugin.eval.study import _tasks
 
     spec = {"name": "t", "output": str(tmp_path / "out"), "stages": [2, 3],
@@ -106,6 +106,12 @@ def test_a_run_ending_at_a_stage_finishes_in_that_round(tmp_path):
     study = Study.load(tmp_path / "t.yaml")
     order = [(r.name, stage) for r, stage in _tasks(study, list(study.runs.values()))]
     assert order == [("long", 2), ("short", None), ("long", 3), ("long", None), ("short", None)]
+    spec = {**spec, "stages": [2, 4], "runs": {**spec["runs"], "mid": {"config": "c.yaml", "set": ["edits=3"]}}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec))
+    study = Study.load(tmp_path / "t.yaml")
+    order = [(r.name, stage) for r, stage in _tasks(study, list(study.runs.values()))]
+    assert order == [("long", 2), ("mid", 2), ("short", None), ("long", None), ("mid", None),  # runs in name order
+                     ("long", None), ("mid", None), ("short", None)]
 
 
 def test_common_overrides_go_to_every_run_before_its_own(tmp_path):
