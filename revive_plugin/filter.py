@@ -45,6 +45,8 @@ class ReviveFilter:
         if basis is None:
             basis = protected_basis(weight, self.config.tau, self.config.svd)
             self._reference[name] = basis
+            if self.config.basis == "current":  # W₀ is also the first step's current weight: one SVD, not two
+                self._current[name] = (weight.detach().clone(), basis)
         elif tuple(weight.shape) != (basis.u.shape[0], basis.v.shape[0]):
             raise ValueError(
                 f"parameter {name!r} has shape {tuple(weight.shape)} but its cached basis was built for "

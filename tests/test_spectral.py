@@ -140,13 +140,14 @@ def test_current_basis_is_computed_once_per_weight(monkeypatch):
     w0, _, _ = matrix_with_spectrum([9, 5, 3, 1], 12, 20, seed=3)
     delta = torch.randn(12, 20, dtype=torch.float64)
     cur = ReviveFilter(ReviveConfig(tau=0.3, basis="current"))
-    cur.observe("p", w0)  # W₀'s basis
-    first = cur.basis_for("p", w0.clone())
-    assert cur.basis_for("p", w0.clone()) is first and len(calls) == 2
+    reference = cur.observe("p", w0)  # W₀'s basis, which is also the first step's current basis
+    assert cur.basis_for("p", w0.clone()) is reference and len(calls) == 1
     w1 = w0 + cur.filter("p", delta, w0)
-    assert len(calls) == 2
+    assert len(calls) == 1
+    second = cur.basis_for("p", w1.clone())
+    assert cur.basis_for("p", w1.clone()) is second and len(calls) == 2
     torch.testing.assert_close(cur.filter("p", delta, w1), safe_update(delta, w1, 0.3))
-    assert len(calls) == 3
+    assert len(calls) == 2 and cur.reference("p") is reference
 
 
 def test_filter_layer_subset_and_disabled():
