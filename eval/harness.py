@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 import yaml
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from revive_plugin import yamlio
@@ -727,6 +728,30 @@ def _read_rng(path: Path, fix: str) -> torch.Tensor:
     return rng
 
 
+class RunInUseError(RuntimeError):
+    """Another process holds the run directory (``run_lock``)."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Any:
+    """Hold ``run_dir`` for this process: a second `revive eval` on it (another study that shares the run, a second
+    terminal) is refused instead of writing the same checkpoint. The lock file lies beside the directory, so
+    ``--overwrite`` can delete the directory while holding it."""
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir.parent / f".{run_dir.name}.revive.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunInUseError(
+            f"{run_dir} is in use by another `revive eval` (a study sharing this run, or another terminal); wait for "
+            "it to finish or stop it (SIGTERM saves its checkpoint), then run this again") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _refuse_existing_run(run_dir: Path) -> None:
     """A new run must not overwrite a run or results already in ``run_dir`` (``--overwrite`` deletes them)."""
     if (run_dir / CHECKPOINT).exists() or (run_dir / CHECKPOINT_OLD).exists():
@@ -758,13 +783,14 @@ class Run:
         run_dir = Path(output or config.output.format(name=config.name))
         check_transforms(config.transforms)  # before anything is created
         check_monitors(config.monitors)
-        if overwrite:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        else:
-            _refuse_existing_run(run_dir)
-        created = [] if run_dir.exists() else [run_dir]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        with run_lock(run_dir):
+            if overwrite:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                _refuse_existing_run(run_dir)
+            created = [] if run_dir.exists() else [run_dir]
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         run = cls(config, run_dir)
         run.created = created or [run_dir / "config.yaml"]
         return run
@@ -784,22 +810,23 @@ class Run:
             what = "does not exist" if not run_dir.exists() else "has no config.yaml: not a run directory"
             raise FileNotFoundError(f"--resume {run_dir}: the directory {what} (start a run with `revive eval CONFIG "
                                     f"--output {run_dir}`)")
-        data = read_run_config(config_path)
-        note = recover_checkpoint(run_dir)
-        if note:
-            print(f"[revive] {run_dir}: {note}")
-        done = cls._edits_done(run_dir, config_path)
-        if edits is not None and edits != data.get("edits"):
-            if edits < done:
-                raise ValueError(f"--edits {edits} is below the {done} edits {run_dir} has already made; "
-                                 "a run cannot be shortened (start a new one)")
-            data["edits"] = edits
-            config = RunConfig.from_dict(data, source=str(config_path))
-            available = len(ordered_cases(config))
-            if available < edits:
-                raise ValueError(f"--edits {edits}: the run's data has only {available} records")
-            _write_atomic(config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
-        return cls(RunConfig.from_dict(data, source=str(config_path)), run_dir)
+        with run_lock(run_dir):  # recovering or extending must not touch files a running process writes
+            data = read_run_config(config_path)
+            note = recover_checkpoint(run_dir)
+            if note:
+                print(f"[revive] {run_dir}: {note}")
+            done = cls._edits_done(run_dir, config_path)
+            if edits is not None and edits != data.get("edits"):
+                if edits < done:
+                    raise ValueError(f"--edits {edits} is below the {done} edits {run_dir} has already made; "
+                                     "a run cannot be shortened (start a new one)")
+                data["edits"] = edits
+                config = RunConfig.from_dict(data, source=str(config_path))
+                available = len(ordered_cases(config))
+                if available < edits:
+                    raise ValueError(f"--edits {edits}: the run's data has only {available} records")
+                _write_atomic(config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+            return cls(RunConfig.from_dict(data, source=str(config_path)), run_dir)
 
     @staticmethod
     def _edits_done(run_dir: Path, config_path: Path) -> int:
@@ -1119,21 +1146,22 @@ class Run:
         Ctrl-C and SIGTERM save a checkpoint at the last completed edit step. A run that stops before its first
         checkpoint removes what it wrote (see ``_discard_unfinished_start``).
         """
-        note = recover_checkpoint(self.run_dir)  # a save cut off earlier in this process
-        if note:
-            print(f"[revive] {self.run_dir}: {note}")
-        previous_term = _sigterm_as_interrupt()
-        _TERM_REQUESTED.clear()
-        try:
-            return self._execute(stop_after)
-        except BaseException:
-            if not self._has_checkpoint():
-                self._discard_unfinished_start()
-            raise
-        finally:
-            if previous_term is not None:
-                signal.signal(signal.SIGTERM, previous_term)
+        with run_lock(self.run_dir):
+            note = recover_checkpoint(self.run_dir)  # a save cut off earlier in this process
+            if note:
+                print(f"[revive] {self.run_dir}: {note}")
+            previous_term = _sigterm_as_interrupt()
             _TERM_REQUESTED.clear()
+            try:
+                return self._execute(stop_after)
+            except BaseException:
+                if not self._has_checkpoint():
+                    self._discard_unfinished_start()
+                raise
+            finally:
+                if previous_term is not None:
+                    signal.signal(signal.SIGTERM, previous_term)
+                _TERM_REQUESTED.clear()
 
     def _execute(self, stop_after: Optional[int]) -> Path:
         from revive_plugin.adapters.compat import import_easyeditor

@@ -11,6 +11,7 @@ each a run config plus ``--set`` overrides — and groups of runs to compare::
     runs:
       memit:        {config: smollm2-memit, set: [edits=2000, "data={data_root}/counterfact/counterfact.json.gz"]}
       memit-revive: {config: smollm2-memit-revive, set: [...]}
+      rome:         {from: other-study}   # that study's run of the same name (its directory): run once, shared
     compare:
       memit: [memit, memit-revive]
 
@@ -204,8 +205,13 @@ class Study:
     compare: dict[str, list[str]]
 
     @classmethod
-    def load(cls, path: str | Path, data_root: Optional[str] = None, output: Optional[str] = None) -> "Study":
+    def load(cls, path: str | Path, data_root: Optional[str] = None, output: Optional[str] = None,
+             _loading: tuple[Path, ...] = ()) -> "Study":
         p = find_spec(path, STUDY_DIR, "study")
+        if p.resolve() in _loading:
+            chain = " -> ".join(str(x) for x in (*_loading, p.resolve()))
+            raise ValueError(f"studies take runs from each other in a circle ({chain}); a run's 'from' must name a "
+                             "study that does not take runs from this one")
         data = read_spec(p, ("name", "output", "parallel", "stages", "data_root", "common", "runs", "compare"), "study")
         root = data_root or data.get("data_root") or "../shared/data"
         common = override_list(p, "common", data.get("common"), root)
@@ -222,8 +228,21 @@ class Study:
             raise ValueError(f"{p}: parallel must be a positive integer, got {parallel!r}")
         runs = {}
         for name, spec in runs_data.items():
+            if isinstance(spec, dict) and set(spec) == {"from"}:
+                # Another study's run of the same name: the same directory, so it is run (or continued) once and
+                # compared in both studies, never repeated.
+                ref = str(spec["from"])
+                beside = [c for c in (p.parent / ref, p.parent / f"{ref}.yaml") if c.is_file()]
+                other = cls.load(beside[0] if beside else ref, data_root=data_root,
+                                 _loading=(*_loading, p.resolve()))
+                if name not in other.runs:
+                    raise ValueError(f"{p}: run {name!r} is taken from study {spec['from']!r}, which has no run "
+                                     f"{name!r}; its runs: {sorted(other.runs)}")
+                runs[name] = other.runs[name]
+                continue
             if not isinstance(spec, dict) or "config" not in spec or set(spec) - {"config", "set"}:
-                raise ValueError(f"{p}: run {name!r} must be {{config: NAME, set: [KEY=VALUE, ...]}}, got {spec!r}")
+                raise ValueError(f"{p}: run {name!r} must be {{config: NAME, set: [KEY=VALUE, ...]}} or "
+                                 f"{{from: STUDY}} (that study's run of the same name), got {spec!r}")
             overrides = [*common, *override_list(p, f"runs.{name}.set", spec.get("set"), root)]
             runs[name] = StudyRun(name, spec["config"], overrides, out / name)
         groups = data.get("compare") or {}

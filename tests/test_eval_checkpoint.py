@@ -318,6 +318,23 @@ def test_resume_without_a_checkpoint_refuses_to_overwrite_results(copy, capsys):
     assert (copy / "metrics.jsonl").read_bytes() == before
 
 
+def test_a_run_directory_in_use_is_refused_and_left_as_it_was(workspace, copy, capsys):
+    """A second `revive eval` on a run another process is writing (two studies sharing a run) is refused before it
+    recovers, extends, overwrites or edits anything; once the other process is done it goes ahead."""
+    from filelock import FileLock
+
+    before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    other = FileLock(str(copy.parent / f".{copy.name}.revive.lock"))
+    with other:
+        assert main(["eval", "--resume", str(copy), "--edits", "6"]) == 2
+        assert f"{copy} is in use by another `revive eval`" in capsys.readouterr().err
+        with pytest.raises(harness.RunInUseError, match="SIGTERM saves its checkpoint"):
+            Run.start(lean_config(workspace, copy.parent, "again"), output=str(copy), overwrite=True)
+        after = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+        assert after == before
+    assert Run.resume(copy, edits=6).config.edits == 6
+
+
 def test_a_new_run_refuses_a_directory_holding_results(workspace, copy):
     cfg = lean_config(workspace, copy.parent, "again")
     (copy / "checkpoint").rename(copy / "checkpoint.old")  # a save cut off between its renames: still a run

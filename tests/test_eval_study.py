@@ -130,6 +130,32 @@ def test_common_overrides_go_to_every_run_before_its_own(tmp_path):
         Study.load(path)
 
 
+def test_a_run_taken_from_another_study_is_that_run(tmp_path):
+    """{from: STUDY}: the other study's run of the same name, its directory and settings, run once for both."""
+    base = {"name": "base", "output": str(tmp_path / "base-out"), "common": ["edits=8"],
+            "runs": {"ref": {"config": "x", "set": ["revive.tau=0.1"]}, "other": {"config": "y"}}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": "more", "output": str(tmp_path / "more-out"), "common": ["edits=4"],
+            "runs": {"ref": {"from": "base"}, "new": {"config": "x", "set": ["revive.tau=0.4"]}},
+            "compare": {"tau": ["ref", "new"]}}
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(spec))
+    study = Study.load(tmp_path / "more.yaml")
+    ref = study.runs["ref"]
+    assert ref.run_dir == tmp_path / "base-out" / "ref" and ref.overrides == ["edits=8", "revive.tau=0.1"]
+    assert ref.command() == Study.load(tmp_path / "base.yaml").runs["ref"].command()
+    assert study.runs["new"].run_dir == tmp_path / "more-out" / "new"
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump({**spec, "runs": {"missing": {"from": "base"}}}))
+    with pytest.raises(ValueError, match=r"run 'missing' is taken from study 'base', which has no run 'missing'"):
+        Study.load(tmp_path / "more.yaml")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**base, "runs": {"ref": {"from": "more"}}}))
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="in a circle"):
+        Study.load(tmp_path / "more.yaml")
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump({**spec, "runs": {"ref": {"from": "base", "set": []}}}))
+    with pytest.raises(ValueError, match=r"or \{from: STUDY\}"):
+        Study.load(tmp_path / "more.yaml")
+
+
 @pytest.mark.parametrize("name", ["length", "tau", "baselines", "variants", "wilke"])
 def test_shipped_studies_load(name):
     study = Study.load(name)
