@@ -344,6 +344,13 @@ def evaluate_facts(model: Any, tok: Any, cases: Sequence[Any], pre_locality: Opt
     return out
 
 
+def fact_sample(cases: Sequence[Any], n: Any, seed: int) -> list[Any]:
+    """The seeded sample of ``n`` of ``cases`` that a run's checkpoints score (all of them for "all" or n ≥ len)."""
+    if n == "all" or len(cases) <= n:
+        return list(cases)
+    return sorted(random.Random(seed).sample(list(cases), n), key=lambda c: c.case_id)
+
+
 def locality_argmax(model: Any, tok: Any, cases: Sequence[Any]) -> dict[str, list[int]]:
     """The model's top-1 tokens on each case's neighborhood targets (EasyEdit locality reference)."""
     from .scoring import score_continuations
@@ -1087,9 +1094,8 @@ class Run:
         """
         cfg = self.config
         edited = cases[:done] if done else cases[:min(cfg.eval_every, cfg.edits)]
-        if cfg.eval_facts != "all" and len(edited) > cfg.eval_facts and not (done and last and cfg.eval_all_at_end):
-            rng = random.Random(cfg.seed)
-            edited = sorted(rng.sample(edited, cfg.eval_facts), key=lambda c: c.case_id)
+        if not (done and last and cfg.eval_all_at_end):
+            edited = fact_sample(edited, cfg.eval_facts, cfg.seed)
         row: dict[str, Any] = {"facts_evaluated": len(edited)}
         row.update(evaluate_facts(model, tok, edited, state.get("pre_locality")))
         if cfg.eval_last_batch:

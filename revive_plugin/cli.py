@@ -1,4 +1,4 @@
-"""The ``revive`` command: plugins, editors, prepare-model, edit-stats, demo, eval, calibrate, study, sweep, compare.
+"""The ``revive`` command: plugins, editors, prepare-model, edit-stats, demo, eval, calibrate, study, sweep, ablate, compare.
 
 The help texts shown by ``revive --help`` and ``revive COMMAND --help`` are plain text (``DESCRIPTION``,
 ``ENVIRONMENT`` and the epilogs below), not this docstring.
@@ -249,6 +249,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (ImportError, ConnectionError) as e:  # no Ray installed; no cluster at the address
         print(f"revive: error: {e}", file=sys.stderr)
         return 2
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .eval.ablate import DEFAULT_VARIANTS, ablate
+
+    if not (args.facts == "all" or (args.facts.isdigit() and int(args.facts) > 0)):
+        raise ValueError(f"--facts must be a positive integer or 'all', got {args.facts!r}")
+    facts = args.facts if args.facts == "all" else int(args.facts)
+    out = ablate(args.run, args.variants or DEFAULT_VARIANTS, facts=facts, output=args.output, device=args.device)
+    print((out / "ablation.md").read_text())
+    print(f"[revive] rows: {out / 'ablation.jsonl'}")
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -507,6 +519,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="DIR", help="the sweep's folder (default: the sweep file's output)")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sweep)
+
+    p = command("ablate", "where a run's damage lives: post-hoc variants of its accumulated edit",
+                "Rebuild a run's last checkpoint with variants of its accumulated edit W − W₀ (a layer reverted, only "
+                "one layer, scaled, REVIVE's projection or PRUNE applied once, the top singular directions dropped) "
+                "and score each: perplexity of the run's sentences against the unedited model, efficacy / "
+                "generalization / specificity on a seeded sample of its edited facts. Writes RUN/ablation/"
+                "{ablation.jsonl,ablation.md}; run it again and only missing variants are scored.",
+                "examples:\n  revive ablate docs/results/length/memit-revive\n"
+                "  revive ablate runs/x --variants as-run revert:each revive:0.4 prune:e --facts 50\n"
+                "variants: as-run, unedited, revert:L|each, only:L|each, scale:S, revive:TAU, prune:ALPHA, drop-top:R")
+    p.add_argument("run", help="a run directory with a checkpoint (revive eval)")
+    p.add_argument("--variants", nargs="+", metavar="V", help="variants to score (default: "
+                   "as-run unedited revert:each only:each scale:0.5 revive:0.2 revive:0.4 prune:e drop-top:1 drop-top:8)")
+    p.add_argument("--facts", default="100", metavar="N", help="edited facts scored per variant: N or all (default 100)")
+    p.add_argument("--output", metavar="DIR", help="default: RUN/ablation")
+    p.add_argument("--device", metavar="DEV", help="torch device (default: the run's)")
+    p.set_defaults(func=cmd_ablate)
 
     p = command("compare", "several runs in one table and one set of plots",
                 "Compare finished or running run directories in one table (compare.md) and one set of plots.",
