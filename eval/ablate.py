@@ -127,6 +127,7 @@ def _spectrum(delta: torch.Tensor, w0: torch.Tensor) -> dict[str, float]:
 def ablate(run_dir: str | Path, variants: Sequence[str] = DEFAULT_VARIANTS, facts: Any = 100,
            output: Optional[str | Path] = None, device: Optional[str] = None) -> Path:
     """Score ``variants`` of the last checkpoint of ``run_dir``; returns the output folder (``RUN_DIR/ablation``)."""
+    from revive_plugin.adapters.easyedit import disable_easyedit, enable_easyedit
     from revive_plugin.adapters.models import load_model
 
     from .harness import (CHECKPOINT, Run, RunConfig, evaluate_facts, fact_sample, ordered_cases, read_rows,
@@ -153,7 +154,11 @@ def ablate(run_dir: str | Path, variants: Sequence[str] = DEFAULT_VARIANTS, fact
     if rows and any(r.get("edits") != done for r in rows.values()):
         raise ValueError(f"{rows_path} scores another checkpoint than {run_dir}'s ({done} edits); remove it or pass "
                          "--output NEW_DIR")
-    hp = Run(config, run_dir)._load_hparams()
+    enable_easyedit(device=config.device)  # its hparams classes read the plugin blocks (revive:, batched_z:, …)
+    try:
+        hp = Run(config, run_dir)._load_hparams()
+    finally:
+        disable_easyedit()
     model, tok = load_model(hp.model_name, device=device or config.device)
     params = dict(model.named_parameters())
     missing = [n for n in saved if n not in params]

@@ -23,7 +23,8 @@ def run_dir(tmp_path_factory, tiny_model_dir):
     """A finished 4-edit MEMIT run on the tiny LLaMA (layers 0 and 1), with perplexity measured."""
     root = tmp_path_factory.mktemp("ablate")
     hp = root / "tiny-memit.yaml"
-    hp.write_text(yaml.safe_dump({**TINY_MEMIT, "model_name": str(tiny_model_dir)}))
+    # A plugin block in the hparams file, as the shipped ones have: ablate must read it as the run did.
+    hp.write_text(yaml.safe_dump({**TINY_MEMIT, "model_name": str(tiny_model_dir), "revive": {"tau": 0.3}}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("REVIVE_CACHE", str(root / "cache"))
         config = RunConfig.from_dict({
