@@ -172,4 +172,10 @@ def test_the_variants_study_switches_the_revive_variants_on():
         config = RunConfig.from_yaml(run.config, [o for o in run.overrides if o.startswith("revive.")])
         parsed = ReviveConfig.from_dict(config.revive)
         got[name] = (parsed.in_loop, parsed.in_solve, parsed.tau)
+    # The references are the length study's runs (its directories), REVIVE after the solve as in the paper.
+    assert got.pop("memit-revive") == (False, False, 0.1) and "memit" in got
+    length = Study.load("length")
+    assert study.runs.pop("memit").run_dir == length.runs["memit"].run_dir
+    assert study.runs["memit-revive"].run_dir == length.runs["memit-revive"].run_dir
+    got.pop("memit")
     assert got == {"in-loop": (True, False, 0.1), "in-solve": (False, True, 0.1), "in-loop-in-solve": (True, True, 0.1)}
