@@ -18,7 +18,7 @@ from revive_plugin.eval.harness import CONFIG_DIR
 
 SHIPPED_MEMIT = Path(demo.DEFAULT_HPARAMS)
 COMMANDS = ("plugins", "editors", "prepare-model", "edit-stats", "demo", "eval", "calibrate", "study", "sweep",
-            "compare")
+            "ablate", "compare")
 
 
 def help_text(capsys, *argv: str) -> str:
@@ -97,6 +97,7 @@ def test_every_argument_of_every_command_has_help():
     ("calibrate", "--grid 'run.transforms=[[],[revive]]'"),
     ("study", "revive study length --status"),
     ("sweep", "RAY_ADDRESS=ray://head:10001 revive sweep"),
+    ("ablate", "revive ablate docs/results/length/memit-revive"),
 ])
 def test_calibrate_and_study_help_have_an_example(capsys, command, example):
     out = help_text(capsys, command)
