@@ -118,9 +118,9 @@ def variant_delta(variant: str, name: str, delta: torch.Tensor, w0: torch.Tensor
     return d - (u[:, :arg] * s[:arg]) @ vh[:arg]
 
 
-def _spectrum(delta: torch.Tensor, w0: torch.Tensor) -> dict[str, float]:
+def _spectrum(delta: torch.Tensor, s0: torch.Tensor) -> dict[str, float]:
+    """Size of an edit against W₀'s singular values ``s0``."""
     s = torch.linalg.svdvals(delta.double())
-    s0 = torch.linalg.svdvals(w0.double())
     return {"delta_rel": float(s.norm() / s0.norm()), "delta_sigma_max_over_w0": float(s[0] / s0[0])}
 
 
@@ -166,9 +166,10 @@ def ablate(run_dir: str | Path, variants: Sequence[str] = DEFAULT_VARIANTS, fact
         raise ValueError(f"{run_dir}'s checkpoint has weights {missing} the model {hp.model_name} lacks")
     w0 = {n: params[n].detach().clone() for n in saved}
     deltas = {n: saved[n].double() - w0[n].double() for n in saved}
+    w0_sigma = {n: torch.linalg.svdvals(w.double()) for n, w in w0.items()}
     cases = fact_sample(ordered_cases(config)[:done], facts, config.seed)
-    texts = load_sentences((config.ppl or {}).get("data"), (config.ppl or {}).get("n", 200))
-    max_tokens = (config.ppl or {}).get("max_tokens", 128)
+    ppl = config.ppl or {}
+    texts = load_sentences(ppl.get("data"), ppl.get("n", 200))
     base = state.get("ppl_baseline", {}).get("ppl")
     last_row = next((r for r in reversed(read_rows(run_dir / "metrics.jsonl")) if r.get("edits") == done), {})
     for variant in tqdm([v for v in todo if v not in rows], desc=f"ablate {run_dir.name}", unit="variant"):
@@ -177,9 +178,9 @@ def ablate(run_dir: str | Path, variants: Sequence[str] = DEFAULT_VARIANTS, fact
             for n, d in deltas.items():
                 dv = variant_delta(variant, n, d, w0[n], layers)
                 params[n].copy_((w0[n].double() + dv).to(params[n].dtype))
-                for k, v in _spectrum(dv, w0[n]).items():
+                for k, v in _spectrum(dv, w0_sigma[n]).items():
                     row[f"{k}/{layer_of(n)}"] = v
-        row.update(perplexity(model, tok, texts, max_tokens=max_tokens))
+        row.update(perplexity(model, tok, texts, max_tokens=ppl.get("max_tokens", 128)))
         if base:
             row["ppl_rel"] = row["ppl"] / base
         row.update({k: v for k, v in evaluate_facts(model, tok, cases, state.get("pre_locality")).items()
@@ -187,9 +188,6 @@ def ablate(run_dir: str | Path, variants: Sequence[str] = DEFAULT_VARIANTS, fact
         rows[variant] = row
         with rows_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-    with torch.no_grad():
-        for n in saved:
-            params[n].copy_(w0[n])
     _write_table(out / "ablation.md", run_dir, done, [rows[v] for v in todo if v in rows], base, last_row, cases)
     return out
 

@@ -735,18 +735,22 @@ def _read_rng(path: Path, fix: str) -> torch.Tensor:
     return rng
 
 
-class RunInUseError(RuntimeError):
-    """Another process holds the run directory (``run_lock``)."""
+class RunInUseError(BlockingIOError):
+    """Another process holds the run directory (``run_lock``): taking it without waiting would block."""
+
+
+def run_lock_path(run_dir: Path) -> Path:
+    """The lock file of ``run_dir``: beside it, so ``--overwrite`` can delete the directory while holding it."""
+    return run_dir.parent / f".{run_dir.name}.revive.lock"
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Any:
     """Hold ``run_dir`` for this process: a second `revive eval` on it (another study that shares the run, a second
-    terminal) is refused instead of writing the same checkpoint. The lock file lies beside the directory, so
-    ``--overwrite`` can delete the directory while holding it."""
+    terminal) is refused instead of writing the same checkpoint (lock file: ``run_lock_path``)."""
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir.parent / f".{run_dir.name}.revive.lock"), timeout=0)
+    lock = FileLock(str(run_lock_path(run_dir)), timeout=0)
     try:
         lock.acquire()
     except Timeout:

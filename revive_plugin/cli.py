@@ -547,12 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .eval.harness import RunInUseError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, RunInUseError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, BlockingIOError) as e:  # BlockingIOError: a run in use
         print(f"revive: error: {e}", file=sys.stderr)
         return 2
 

@@ -99,3 +99,11 @@ def test_ablation_rows_say_which_checkpoint_they_score(run_dir, tmp_path):
     out.mkdir()
     (out / "ablation.jsonl").write_text(json.dumps({"variant": "as-run", "edits": 99}) + "\n")
     assert main(["ablate", str(run_dir), "--variants", "as-run", "--output", str(out)]) == 2
+
+
+def test_ablate_help_names_the_default_variants(capsys):
+    from revive_plugin.eval.ablate import DEFAULT_VARIANTS
+
+    with pytest.raises(SystemExit):
+        main(["ablate", "--help"])
+    assert " ".join(DEFAULT_VARIANTS) in " ".join(capsys.readouterr().out.split())

@@ -324,7 +324,7 @@ def test_a_run_directory_in_use_is_refused_and_left_as_it_was(workspace, copy, c
     from filelock import FileLock
 
     before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
-    other = FileLock(str(copy.parent / f".{copy.name}.revive.lock"))
+    other = FileLock(str(harness.run_lock_path(copy)))
     with other:
         assert main(["eval", "--resume", str(copy), "--edits", "6"]) == 2
         assert f"{copy} is in use by another `revive eval`" in capsys.readouterr().err
