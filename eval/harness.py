@@ -38,6 +38,9 @@ from revive_plugin.filter import ReviveFilter
 BASELINE_KEYS = ("pre_locality", "glue_baseline", "ppl_baseline")
 #: The checkpoint state key of a run that ended at its collapse (``stop_at_collapse``): the edits it ended at.
 STOPPED_AT_COLLAPSE = "stopped_at_collapse"
+#: The monitors' metrics of every edit call (``{"edits": edits after it, "<monitor>/…": value}``), one JSON line each,
+#: beside ``metrics.jsonl`` (whose rows hold their means since the previous row); only runs with ``monitors``.
+STEPS_FILE = "steps.jsonl"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -1030,6 +1033,10 @@ class Run:
         done, monitor, state = self._restore(ckpt, model, hp, host)
         kept = [r for r in rows if r["edits"] <= done]  # rows measured after the checkpoint are measured again
         _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        steps_path = self.run_dir / STEPS_FILE
+        if steps_path.exists():  # so are the edit steps after it
+            steps = [r for r in read_rows(steps_path) if r["edits"] <= done]
+            _write_atomic(steps_path, "".join(json.dumps(r) + "\n" for r in steps))
         again = [r["edits"] for r in rows if r["edits"] > done]
         print(f"[revive] resuming {self.run_dir} at {done}/{self.config.edits} edits"
               + (f" (the rows at {again} edits, measured after the checkpoint, are measured again)" if again else ""))
@@ -1205,6 +1212,7 @@ class Run:
             probe = GlueProbe(cfg.glue["tasks"], n_per_task=cfg.glue.get("n_per_task", 50), seed=cfg.seed,
                               few_shot=cfg.glue.get("few_shot", 0), data_dir=cfg.glue.get("dir"))
         metrics_path = self.run_dir / "metrics.jsonl"
+        steps_path = self.run_dir / STEPS_FILE
         clock = {"host": dict(host.seconds), "eval": 0.0, "cpu": time.process_time(), "wall": time.perf_counter()}
         if self.ckpt_dir.exists():
             done, monitor, state = self._resume_from_checkpoint(model, tok, hp, host, cases, metrics_path)
@@ -1212,6 +1220,7 @@ class Run:
         else:
             done = 0
             began = time.perf_counter()
+            steps_path.unlink(missing_ok=True)  # left by a start that stopped before its first checkpoint
             monitor = ReviveFilter(ReviveConfig(tau=cfg.monitor_tau))
             for t in target_weights(model, hp):
                 if t.view().ndim == 2:
@@ -1276,7 +1285,10 @@ class Run:
                                           keep_original_weight=False)
                     done += len(group)  # each call is atomic: interrupted calls are rolled back
                     if monitor_steps is not None:
-                        monitor_steps.append([done, monitor_metrics(host.history, first_step, cfg.monitors)])
+                        step_metrics = monitor_metrics(host.history, first_step, cfg.monitors)
+                        monitor_steps.append([done, step_metrics])
+                        with steps_path.open("a") as fh:
+                            fh.write(json.dumps({"edits": done, **step_metrics}) + "\n")
                     bar.update(len(group))
                 rate = (time.time() - start) / max(done - start_done, 1)
                 bar.set_postfix_str(f"ETA {rate * (cfg.edits - done) / 60:.1f} min")

@@ -79,6 +79,14 @@ SPECTRAL_PANELS: list[list[Panel]] = [
      ("Kurtosis of edited keys' cosines (mean)", ("superposition/kurtosis",)),
      ("Tail mass of edited keys' cosines (mean)", ("superposition/tail_mass",))],
 ]
+#: The superposition monitor at every edit step (superposition.png, from ``steps.jsonl``; x = edits after the step).
+STEP_PANELS: list[list[Panel]] = [
+    [("Interference on earlier edits", ("superposition/interference",)),
+     ("Leakage: change at earlier keys / at own keys", ("superposition/leakage",)),
+     ("Mean cosine of edited keys", ("superposition/mean_cos",))],
+    [("Kurtosis of edited keys' cosines", ("superposition/kurtosis",)),
+     ("Tail mass of edited keys' cosines", ("superposition/tail_mass",))],
+]
 
 
 def read_rows(run_dir: str | Path) -> list[Row]:
@@ -87,6 +95,13 @@ def read_rows(run_dir: str | Path) -> list[Row]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_steps(run_dir: str | Path) -> list[Row]:
+    """The monitors' metrics of every edit step (``steps.jsonl``; empty for a run without monitors)."""
+    from .harness import STEPS_FILE, read_rows as read_jsonl
+
+    return read_jsonl(Path(run_dir) / STEPS_FILE)
 
 
 def spectral_means(row: Row) -> dict[str, float]:
@@ -202,7 +217,8 @@ def _sections(first: str, labels: list[Any], rows: list[Row]) -> list[str]:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write ``summary.md`` and the figures (editing.png, glue.png, spectral.png) of one run; returns the summary."""
+    """Write ``summary.md`` and the figures (editing.png, glue.png, spectral.png; superposition.png with that
+    monitor) of one run; returns the summary."""
     run_dir = Path(run_dir)
     rows = _with_spectral(read_rows(run_dir))
     config = yamlio.load((run_dir / "config.yaml").read_text())
@@ -225,7 +241,7 @@ def write_report(run_dir: str | Path) -> Path:
               "which are not available here: it is not reported.", ""]
     path = run_dir / "summary.md"
     path.write_text("\n".join(lines))
-    _figures({config["name"]: rows}, {config["name"]: _ratio(config)}, run_dir)
+    _figures({config["name"]: rows}, {config["name"]: _ratio(config)}, run_dir, {config["name"]: read_steps(run_dir)})
     return path
 
 
@@ -235,10 +251,12 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     series: dict[str, list[Row]] = {}
     ratios: dict[str, float] = {}
+    steps: dict[str, list[Row]] = {}
     for d in run_dirs:
         config = yamlio.load((Path(d) / "config.yaml").read_text())
         label = config["name"] if config["name"] not in series else f"{config['name']} ({d})"
         series[label], ratios[label] = _with_spectral(read_rows(d)), _ratio(config)
+        steps[label] = read_steps(d)
     labels = list(series)
     finals = [series[lab][-1] for lab in labels]
     warn = [[lab, final["edits"], _collapse_text(series[lab]), _warning_text(series[lab]),
@@ -251,7 +269,7 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     lines += _sections("run", labels, finals)
     text = "\n".join(lines)
     (output / "compare.md").write_text(text)
-    _figures(series, ratios, output)
+    _figures(series, ratios, output, steps)
     print(text)
     return output / "compare.md"
 
@@ -268,7 +286,8 @@ def _general_panels(rows: Sequence[Row]) -> list[list[Panel]]:
     return grid + list(by_task.values())  # one row per task: accuracy, F1, MCC
 
 
-def _figures(series: dict[str, list[Row]], ratios: dict[str, float], out_dir: Path) -> None:
+def _figures(series: dict[str, list[Row]], ratios: dict[str, float], out_dir: Path,
+             steps: Optional[dict[str, list[Row]]] = None) -> None:
     all_rows = [r for rows in series.values() for r in rows]
     # Horizontal reference lines: the rules' thresholds, where a panel shows the quantity they test.
     refs = {"ppl_rel": sorted(set(ratios.values())), "sigma_max_growth_max": [DEFAULT_SIGMA_MAX_RATIO]}
@@ -278,6 +297,11 @@ def _figures(series: dict[str, list[Row]], ratios: dict[str, float], out_dir: Pa
     _grid(series, _general_panels(all_rows), refs, rule, out_dir / "glue.png",
           "General ability: perplexity and GLUE probes")
     _grid(series, SPECTRAL_PANELS, refs, rule, out_dir / "spectral.png", "Spectral monitors of the edited layers")
+    steps = {label: rows for label, rows in (steps or {}).items() if rows}
+    if steps:  # per edit step, so no markers; the collapse points are those of the runs' checkpoint rows
+        _grid(steps, STEP_PANELS, refs, rule, out_dir / "superposition.png",
+              "Knowledge-superposition monitor at every edit step (mean over edited layers)",
+              checkpoints=series, markers=False)
 
 
 def _finite(value: Any) -> float:
@@ -298,7 +322,10 @@ def _points(rows: Sequence[Row], keys: tuple[str, ...]) -> Optional[tuple[str, l
 
 
 def _grid(series: dict[str, list[Row]], layout: list[list[Panel]], refs: dict[str, list[float]],
-          collapse_rule: str, path: Path, title: str) -> None:
+          collapse_rule: str, path: Path, title: str,
+          checkpoints: Optional[dict[str, list[Row]]] = None, markers: bool = True) -> None:
+    """One figure of ``layout``'s panels, one line per run of ``series``; the collapse and warning marks and the
+    legend's notes come from ``checkpoints`` (the runs' checkpoint rows; default: ``series`` itself)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,12 +338,13 @@ def _grid(series: dict[str, list[Row]], layout: list[list[Panel]], refs: dict[st
     if not grid:
         return
     ncols = max(len(row) for row in grid)  # ≤ 3 by construction of the layouts
-    colours = {label: f"C{i % 10}" for i, label in enumerate(series)}
+    checkpoints = checkpoints or series
+    colours = {label: f"C{i % 10}" for i, label in enumerate(checkpoints)}  # a run's colour is the same in every figure
     # Runs often coincide (e.g. the pre-edit point, or a filter that changes nothing yet): earlier runs get
     # bigger markers and thicker lines, so a later run drawn on top still leaves them visible.
-    styles = {label: {"marker": "osD^vP"[i % 6], "markersize": max(3.0, 8.0 - 1.5 * i),
-                      "linewidth": max(1.2, 3.0 - 0.6 * i)} for i, label in enumerate(series)}
-    marks = {label: (collapse_point(rows), early_warning(rows)) for label, rows in series.items()}
+    styles = {label: {"marker": "osD^vP"[i % 6] if markers else None, "markersize": max(3.0, 8.0 - 1.5 * i),
+                      "linewidth": max(1.2, 3.0 - 0.6 * i)} for i, label in enumerate(checkpoints)}
+    marks = {label: (collapse_point(checkpoints[label]), early_warning(checkpoints[label])) for label in series}
     legend_rows = math.ceil((len(series) + 2) / 2)
     with plt.rc_context({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
                          "ytick.labelsize": 10, "legend.fontsize": 10}):
@@ -353,8 +381,8 @@ def _grid(series: dict[str, list[Row]], layout: list[list[Panel]], refs: dict[st
                     ax.set_ylim(-0.02, 1.02)
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
                 ax.grid(alpha=0.3)
-        handles = [Line2D([], [], color=colours[label], **styles[label], label=f"{label}: {_legend_note(rows)}")
-                   for label, rows in series.items()]
+        handles = [Line2D([], [], color=colours[label], **styles[label],
+                          label=f"{label}: {_legend_note(checkpoints[label])}") for label in series]
         if any(m[0] is not None for m in marks.values()):
             handles.append(Line2D([], [], color="0.3", linestyle="--", label=collapse_rule))
         if any(m[1] is not None for m in marks.values()):

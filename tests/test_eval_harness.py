@@ -41,8 +41,8 @@ def run_config(tmp_path, tiny_model_dir, monkeypatch):
     easyedit.disable_easyedit()
 
 
-def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def rows(run_dir, name="metrics.jsonl"):
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
 
 
 def test_overrides_and_validation():

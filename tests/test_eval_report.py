@@ -218,6 +218,25 @@ def test_compare_marks_each_run(tmp_path, captured):
             assert not any(c == "C1" for _, _, c in vlines), title  # the run that never collapses has no marker
 
 
+def test_superposition_figure_per_edit_step_with_the_checkpoints_collapse(tmp_path, captured):
+    a = synthetic_run(tmp_path, "rome", collapse_at=60)
+    b = synthetic_run(tmp_path, "rome-revive", collapse_at=None)  # no steps.jsonl: no line, no figure of its own
+    steps = [{"edits": e, "superposition/interference": e / 100, "superposition/kurtosis": 3 + e / 10}
+             for e in range(1, 101)]
+    (a / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    write_report(a)
+    panels = dict(captured["superposition.png"])
+    assert list(panels) == ["Interference on earlier edits", "Kurtosis of edited keys' cosines"]
+    for vlines in panels.values():  # collapse and warning from metrics.jsonl, not from the step lines
+        assert (60, "--", "C0") in vlines and (40, ":", "C0") in vlines
+    write_report(b)
+    assert not (b / "superposition.png").exists()
+    captured.clear()
+    compare([a, b], tmp_path / "cmp")
+    assert "superposition.png" in captured and (tmp_path / "cmp" / "superposition.png").exists()
+    assert not any(c == "C1" for vlines in dict(captured["superposition.png"]).values() for _, _, c in vlines)
+
+
 @pytest.mark.parametrize("run", ["smollm2-100-edits/smollm2-memit", "smollm2-zsre-20-edits"])
 def test_old_runs_in_docs_results_still_render(tmp_path, run):
     src = ROOT / "docs" / "results" / run

@@ -156,7 +156,7 @@ def test_a_run_taken_from_another_study_is_that_run(tmp_path):
         Study.load(tmp_path / "more.yaml")
 
 
-@pytest.mark.parametrize("name", ["length", "tau", "baselines", "variants", "wilke"])
+@pytest.mark.parametrize("name", ["length", "tau", "baselines", "variants", "wilke", "superposition"])
 def test_shipped_studies_load(name):
     study = Study.load(name)
     assert study.runs and all(r.target_edits for r in study.runs.values())

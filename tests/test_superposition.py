@@ -457,6 +457,13 @@ def test_harness_rows_hold_the_monitor_means_and_survive_ctrl_c(run_config, monk
     summary = (straight / "summary.md").read_text()
     assert "## Knowledge superposition" in summary and "| edits | interference | leakage |" in summary
     assert yaml.safe_load((straight / "config.yaml").read_text())["monitors"] == ["superposition"]
+    assert (straight / "superposition.png").exists()
+    # steps.jsonl: every edit call's own monitor metrics, one line each
+    s1 = rows(straight, harness.STEPS_FILE)
+    assert [s["edits"] for s in s1] == [1, 2, 3, 4]
+    for line, rec in zip(s1, recorded):
+        assert {k: v for k, v in line.items() if k != "edits"} == pytest.approx(
+            {k: v for k, v in rec.metrics.items() if k.startswith("superposition/")})
 
     # Ctrl-C after the third edit (mid-window): the checkpoint keeps that step's metrics and the monitor's keys.
     easyedit.disable_easyedit()
@@ -469,8 +476,15 @@ def test_harness_rows_hold_the_monitor_means_and_survive_ctrl_c(run_config, monk
     assert (run.run_dir / "checkpoint" / "plugin-superposition.safetensors").exists()
     monkeypatch.setattr(easyedit, "_wrap_apply", original)
     easyedit.disable_easyedit()
+    # as if a kill had come after a fourth step was logged but before any checkpoint held it: logged again
+    with (run.run_dir / harness.STEPS_FILE).open("a") as fh:
+        fh.write(json.dumps({"edits": 4, "superposition/keys": -1.0}) + "\n")
     r2 = rows(Run.resume(run.run_dir).execute())
     assert [r["edits"] for r in r2] == [0, 2, 4]
+    s2 = rows(run.run_dir, harness.STEPS_FILE)
+    assert [s["edits"] for s in s2] == [1, 2, 3, 4]
+    for a, b in zip(s1, s2):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
     for a, b in zip(r1, r2):
         assert a.keys() == b.keys()
         for k in a:
