@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast bench bench-quick study clean
+.PHONY: install demo test test-fast bench bench-quick study studies clean
 
 install:
 	bash scripts/install.sh
@@ -32,6 +32,13 @@ bench-quick: install
 # after a stop and it continues where it stopped.
 study: install
 	$(VENV)/bin/revive study length
+
+# Every study, one after another in this order (the issues' priorities; studies share runs, e.g. the length study's
+# MEMIT runs are the others' references): days on a CPU. Each sitting continues where the last one stopped; a study
+# that is stopped (SIGTERM, Ctrl-C) ends the chain with its checkpoint saved.
+STUDIES ?= length superposition baselines tau variants wilke
+studies: install
+	@for s in $(STUDIES); do echo "[make] revive study $$s"; $(VENV)/bin/revive study $$s || exit $$?; done
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
