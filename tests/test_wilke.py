@@ -298,7 +298,7 @@ def test_wilke_picks_the_crafted_layer_and_the_edit_writes_only_it(tmp_path, ena
     """Layer 3's FFN keys are made to fire on the subject (8 gate/up rows along its representation): WilKE, by the
     editor's own update (1) and by the keys (2), picks layer 3, not ROME's layer 1 nor the uncrafted model's best
     (layer 2); only layer 3 changes; the scores are (1) and (2) computed by hand."""
-    probes = {}
+    probes, beside = {}, {}
     for criterion in ("edit", "keys"):
         (tmp_path / criterion).mkdir()
         hp = load("ROME", write_hparams(tmp_path / criterion, ROME4, tiny4_dir,
@@ -322,6 +322,9 @@ def test_wilke_picks_the_crafted_layer_and_the_edit_writes_only_it(tmp_path, ena
             assert torch.equal(after[DOWN.format(i)], w0[DOWN.format(i)])
         delta = after[DOWN.format(3)] - w0[DOWN.format(3)]
         if criterion == "edit":
+            # the keys criterion, evaluated beside it on the same model and logged, agrees here (a clear match)
+            assert rec.metrics["wilke/keys_layer"] == 3.0 and rec.metrics["wilke/keys_agrees"] == 1.0
+            beside = {i: rec.metrics[f"wilke/keys_score/{i}"] for i in range(4)}
             # the written update is ROME's trial update at layer 3: (1) of the chosen layer by hand
             assert scores[3] == pytest.approx(float(delta.norm() / w0[DOWN.format(3)].norm()), rel=1e-5)
             # and (1) of every layer by hand: plain ROME (no block) at that layer alone, on the same model
@@ -343,6 +346,8 @@ def test_wilke_picks_the_crafted_layer_and_the_edit_writes_only_it(tmp_path, ena
                 (k,) = keys_by_hand(model, tok, DANIELLE["prompts"], ["The mother tongue of Danielle Darrieux"],
                                     module)
                 assert scores[layer] == pytest.approx(1 / float(k.norm() * w0[DOWN.format(layer)].norm()), rel=1e-4)
+            assert beside == pytest.approx(scores, rel=1e-5)  # what the edit-criterion run logged beside its own
+            assert not any(k.startswith("wilke/keys_") for k in rec.metrics)  # nothing beside the keys criterion
 
 
 def test_without_the_block_rome_stays_on_its_layer(tmp_path, enabled, tiny4_dir):

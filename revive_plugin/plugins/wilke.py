@@ -47,7 +47,11 @@ For each edit step, over the candidate layers l of its block (``criterion``):
 
 The step writes l* = argmin_l score_l (the lowest such layer on a tie). Step metrics (``easyedit_edit_step_end``):
 ``wilke/layer`` = l*, ``wilke/score/<l>`` = score_l of each candidate, ``wilke/chose/<l>`` = 1 for l*, else 0 (their
-mean over a window of steps is the share of steps that chose l).
+mean over a window of steps is the share of steps that chose l). With ``edit``, where the driver gives the step's
+keys, the ``keys`` criterion is also evaluated on the same model (one forward pass) and logged beside it, never
+used: ``wilke/keys_score/<l>``, its choice ``wilke/keys_layer`` and ``wilke/keys_agrees`` (1 when it picked l*; its
+mean is how often the cheap criterion would have chosen as WilKE's), so a run with ``edit`` says whether ``keys``
+could stand in for it.
 
 Where this plugin chose (the paper and its code fix none of these for a plugin)
 -------------------------------------------------------------------------------
@@ -204,6 +208,9 @@ def easyedit_select_layers(
             raise ValueError("wilke.criterion 'edit' needs the driver's trial runs of the editor (the EasyEdit "
                              "adapter provides them); use criterion: keys with this driver")
         scores = scores_by_edit(candidates, weights, trial)
+        if context.keys is not None:  # the cheap criterion on the same state, logged to measure how often it agrees
+            context.state[f"{NAME}/keys"] = {"step": context.step,
+                                              "scores": scores_by_keys(candidates, weights, context.keys)}
     else:
         if context.keys is None:
             raise ValueError("wilke.criterion 'keys' needs the keys of the step's requests (context.keys), which "
@@ -226,4 +233,12 @@ def easyedit_edit_step_end(context: EditContext) -> Optional[dict[str, float]]:
         if math.isfinite(score):
             metrics[f"{NAME}/score/{layer}"] = float(score)
         metrics[f"{NAME}/chose/{layer}"] = 1.0 if layer == choice["layer"] else 0.0
+    beside = context.state.get(f"{NAME}/keys")
+    if isinstance(beside, Mapping) and beside.get("step") == context.step:
+        keys_layer = best_layer(beside["scores"])
+        metrics[f"{NAME}/keys_layer"] = float(keys_layer)
+        metrics[f"{NAME}/keys_agrees"] = 1.0 if keys_layer == choice["layer"] else 0.0
+        for layer, score in sorted(beside["scores"].items()):
+            if math.isfinite(score):
+                metrics[f"{NAME}/keys_score/{layer}"] = float(score)
     return metrics
