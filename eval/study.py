@@ -43,6 +43,9 @@ import yaml
 from revive_plugin import yamlio
 
 from .harness import STOPPED_AT_COLLAPSE, read_rows
+# Imported with the harness, not when the first comparison is written hours later: a long study then compares with
+# the code it started with, even if the checkout changes under it.
+from .report import compare
 
 
 STUDY_DIR = Path(__file__).resolve().parent / "studies"
@@ -257,8 +260,6 @@ class Study:
 
     def write_comparisons(self) -> list[Path]:
         """Compare each group whose runs all have metrics; returns the comparison files written."""
-        from .report import compare
-
         written = []
         for group, members in self.compare.items():
             dirs = [self.runs[m].run_dir for m in members]
