@@ -334,10 +334,13 @@ def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 2.0)
                 proc, log, stage = running[name]
                 if proc.poll() is None:
                     continue
-                log.close()
                 del running[name]
                 ok = proc.returncode == 0 and _reached(study.runs[name], stage)
                 where = "finished" if stage is None else f"reached {stage} edits"
+                if not ok:  # the run's own log says how its process ended, beside what it printed
+                    log.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} the run stopped with exit status "
+                              f"{proc.returncode} without having {where}\n")
+                log.close()
                 print(f"[study] {name}: {where if ok else f'stopped (exit {proc.returncode})'}", flush=True)
                 if not ok and not stopping:
                     failed.append(name)

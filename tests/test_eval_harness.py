@@ -72,6 +72,8 @@ def test_shipped_configs_load():
         assert cfg.transforms == (["revive"] if name.endswith("revive") else [])
     rome_prune = RunConfig.from_yaml("smollm2-rome-prune-revive")
     assert rome_prune.transforms == ["prune", "revive"] and rome_prune.batch_size == 1
+    control = RunConfig.from_yaml("smollm2-rome-prune")  # the same without REVIVE
+    assert control.transforms == ["prune"] and control.plugins == rome_prune.plugins and control.batch_size == 1
 
 
 def test_schedule_resume_equals_uninterrupted(run_config):

@@ -75,6 +75,8 @@ def test_sigterm_stops_the_runs_with_checkpoints_and_the_next_call_finishes(stud
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, out
     assert "continue with: revive study" in out
+    # the stopped run's log says how its process ended
+    assert "the run stopped with exit status 130" in (tmp_path / "study" / "a" / "eval.log").read_text()
     study = Study.load(path)
     assert not study.runs["a"].finished() and not study.runs["b"].finished()
     assert run_study(study, poll_seconds=0.2) == 0
@@ -84,8 +86,10 @@ def test_sigterm_stops_the_runs_with_checkpoints_and_the_next_call_finishes(stud
 
 def test_stages_advance_the_runs_together(study_file, tmp_path, capsys):
     study = Study.load(study_file(parallel=1, stages=[2]))
-    assert run_study(study, poll_seconds=0.2) == 0
-    events = [line for line in capsys.readouterr().out.splitlines()
+    code = run_study(study, poll_seconds=0.2)
+    out = capsys.readouterr().out
+    assert code == 0, out  # the study's own account (which run stopped, with what exit status) if not
+    events = [line for line in out.splitlines()
               if line.startswith(("[study] a: ", "[study] b: ")) and ("reached" in line or "finished" in line)]
     assert events == ["[study] a: reached 2 edits", "[study] b: reached 2 edits", "[study] a: finished",
                       "[study] b: finished"]
