@@ -450,6 +450,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _keep_rows_upto(path: Path, rows: Sequence[dict], done: int) -> None:
+    """Rewrite the JSONL file ``path`` with the ``rows`` at or before ``done`` edits (those after a checkpoint are
+    measured again when the run resumes from it)."""
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r["edits"] <= done))
+
+
 def recover_checkpoint(run_dir: Path) -> Optional[str]:
     """Tidy up after a checkpoint save that was cut off (kill, power cut, error); returns what it did, or None.
 
@@ -1031,12 +1037,10 @@ class Run:
             print(f"[revive] {self.run_dir}: adding the pre-edit scores of the facts it edits to its first row")
             first.update(self._fact_scores(0, model, tok, cases, ckpt.state))
         done, monitor, state = self._restore(ckpt, model, hp, host)
-        kept = [r for r in rows if r["edits"] <= done]  # rows measured after the checkpoint are measured again
-        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        _keep_rows_upto(metrics_path, rows, done)
         steps_path = self.run_dir / STEPS_FILE
-        if steps_path.exists():  # so are the edit steps after it
-            steps = [r for r in read_rows(steps_path) if r["edits"] <= done]
-            _write_atomic(steps_path, "".join(json.dumps(r) + "\n" for r in steps))
+        if steps_path.exists():  # a run with monitors: its edit steps after the checkpoint are logged again
+            _keep_rows_upto(steps_path, read_rows(steps_path), done)
         again = [r["edits"] for r in rows if r["edits"] > done]
         print(f"[revive] resuming {self.run_dir} at {done}/{self.config.edits} edits"
               + (f" (the rows at {again} edits, measured after the checkpoint, are measured again)" if again else ""))
