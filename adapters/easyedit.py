@@ -474,8 +474,8 @@ def restore_editor_state(alg: str, state: Mapping[str, torch.Tensor], model: Opt
                          hparams: Any = None) -> None:
     """Give an editor back what ``editor_state`` saved. AlphaEdit's ``cache_c`` takes effect at its next edit
     (it is set when its projector is, and its shape is checked then); LEMoE's experts go into ``model`` at once,
-    on the FFN ``hparams`` names (an empty state removes its adaptor), so a model evaluated before the next
-    edit runs with them."""
+    on the FFN ``hparams`` names, so a model evaluated before the next edit runs with them. An empty state puts
+    the editor back at its unedited start: no accumulated keys, no LEMoE adaptor."""
     if alg == "LEMoE":
         from .lemoe import restore_lemoe_state
 
@@ -489,6 +489,11 @@ def restore_editor_state(alg: str, state: Mapping[str, torch.Tensor], model: Opt
     if unknown:
         raise ValueError(f"{alg}: unknown editor state {sorted(unknown)} (known: cache_c)")
     main = editor_module_of(alg)
+    if not state:  # what editor_state returns before the first edit
+        _STATE.pending_keys.pop(main.__name__, None)
+        if main.__name__ in _STATE.primed_projectors and getattr(main, "cache_c_new", False):
+            main.cache_c = torch.zeros_like(main.cache_c)
+        return
     if "cache_c" in state:
         if not hasattr(main, "cache_c_new"):
             raise ValueError(f"{alg} keeps no accumulated keys (cache_c): this checkpoint is of another editor")

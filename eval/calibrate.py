@@ -4,7 +4,8 @@ Published MEMIT/ROME land ~100% of a fresh batch; hparams carried to a new model
 before any long comparison. For every point of a grid over hparams settings (``mom2_update_weight``,
 ``v_num_grad_steps``, ``v_lr``, ``layers``, …) this edits the same ``records`` held-out requests as one
 batch into the unedited model, measures efficacy / generalization / specificity on exactly those records and
-the perplexity of the shipped ME-PPL sentences, then restores the weights for the next point.
+the perplexity of the shipped ME-PPL sentences, then restores the weights and the editor's own state (AlphaEdit's
+accumulated keys, LEMoE's experts) for the next point.
 
 Held-out records: the run's data with the shipped samples' case ids removed, in the run's seeded order
 (``order: seeded`` permutes by ``seed``), taken from the end, so a study that edits from the front of the
@@ -115,7 +116,7 @@ def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, outpu
               ppl_sentences: Optional[str] = None, command: str = "") -> list[dict[str, Any]]:
     """Edit the held-out batch once per grid point; rows of settings and measures (also written to ``output``)."""
     from revive_plugin.adapters.compat import import_easyeditor
-    from revive_plugin.adapters.easyedit import enable_easyedit
+    from revive_plugin.adapters.easyedit import enable_easyedit, restore_editor_state
     from revive_plugin.adapters.editors import request_groups
 
     from .perplexity import load_sentences, perplexity
@@ -171,6 +172,8 @@ def calibrate(config: RunConfig, grid: dict[str, list[Any]], records: int, outpu
                 fh.write(json.dumps(row) + "\n")
             scores = " ".join(f"{k} {row[k]:.3f}" for k in headline(config))
             print(f"[calibrate] {settings}: {scores} ppl {row['ppl']:.2f}", flush=True)
+            # AlphaEdit would solve the next point against this one's keys, LEMoE route to its expert
+            restore_editor_state(hp.alg_name, {}, model=model, hparams=hp)
             with torch.no_grad():
                 model.load_state_dict(original)
     write_table(rows, config, records, output, command)

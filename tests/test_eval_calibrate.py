@@ -12,20 +12,32 @@ from revive_plugin.eval.harness import RunConfig, ordered_cases
 from test_eval_harness import TINY_MEMIT
 
 
-@pytest.fixture
-def config(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
-    hp = tmp_path / "tiny-memit.yaml"
-    # z at layer 0, its loss at layer 1: with z at the last layer δ reaches only its own position, the targets'
-    # loss cannot move and the edit's direction would be optimiser noise
-    hp.write_text(yaml.safe_dump({**TINY_MEMIT, "layers": [0], "model_name": str(tiny_model_dir)}))
-    # a data file whose records are not the shipped sample's (new case ids), plus 2 shipped ones
+def calibration_config(tmp_path, hparams: dict, **extra) -> RunConfig:
+    """A run config for ``hparams`` on a data file whose records are not the shipped sample's (new case ids),
+    plus 2 shipped ones."""
+    hp = tmp_path / "tiny.yaml"
+    hp.write_text(yaml.safe_dump(hparams))
     shipped = json.loads((load_counterfact.__globals__["DATA_DIR"] / "counterfact/counterfact_sample.json").read_text())
     records = [dict(r, case_id=100000 + i) for i, r in enumerate(shipped[:8])] + shipped[8:10]
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(records))
-    yield RunConfig.from_dict({"name": "cal", "hparams": str(hp), "data": str(data), "order": "seeded",
-                               "batched_z": True, "device": "cpu", "revive": {"tau": 0.3}})
+    return RunConfig.from_dict({"name": "cal", "hparams": str(hp), "data": str(data), "order": "seeded",
+                                "device": "cpu", **extra})
+
+
+def assert_same_point(a: dict, b: dict) -> None:
+    """Two calibration rows of the same settings measured the same (each point started from the unedited model)."""
+    for key in ("efficacy_magnitude", "generalization_magnitude", "specificity_magnitude", "ppl"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.fixture
+def config(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    # z at layer 0, its loss at layer 1: with z at the last layer δ reaches only its own position, the targets'
+    # loss cannot move and the edit's direction would be optimiser noise
+    yield calibration_config(tmp_path, {**TINY_MEMIT, "layers": [0], "model_name": str(tiny_model_dir)},
+                             batched_z=True, revive={"tau": 0.3})
     easyedit.disable_easyedit()
 
 
@@ -77,3 +89,19 @@ def test_grid_points_share_one_z_optimisation_and_start_from_the_unedited_model(
         report(tmp_path / "again")
     table = (out / "calibration.md").read_text()
     assert "mom2_update_weight=1, run.transforms=['revive']" in table and "revive calibrate test" in table
+
+
+def test_lemoe_points_each_start_without_the_experts_of_the_point_before(tmp_path, tiny_model_dir, monkeypatch):
+    """LEMoE adds modules to the model: restoring the weights alone would leave the first point's expert
+    routing the second point's prompts (or refuse to load the weights back)."""
+    from test_lemoe import LEMOE
+
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    config = calibration_config(tmp_path, {**LEMOE, "num_steps": 5, "model_name": str(tiny_model_dir)})
+    try:
+        rows = calibrate(config, parse_grid(["lr=[0.05, 0.05]"]), 3, tmp_path / "out")
+    finally:
+        easyedit.disable_easyedit()
+    assert [r["point"] for r in rows[1:]] == [{"lr": 0.05}, {"lr": 0.05}]
+    assert rows[1]["ppl"] != rows[0]["ppl"]  # the expert changed the model
+    assert_same_point(rows[1], rows[2])

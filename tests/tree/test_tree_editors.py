@@ -316,3 +316,22 @@ def test_revive_in_solve_is_refused_for_alphaedit(tmp_path, enabled, tiny_model_
     with pytest.raises(ValueError, match="revive.in_solve: AlphaEdit's solve is not regularised"):
         editor.edit(**REQUEST, verbose=False, sequential_edit=True)
     assert all(torch.equal(w.detach(), w0[n]) for n, w in weights.items())
+
+
+def test_alphaedit_calibration_points_each_start_without_earlier_keys(tmp_path, tiny_model_dir, monkeypatch):
+    """AlphaEdit keeps the keys of its earlier edits (cache_c) in its module: restoring the weights alone would
+    solve the second point against the first point's keys."""
+    from test_eval_calibrate import assert_same_point, calibration_config
+
+    from revive_plugin.eval.calibrate import calibrate, parse_grid
+
+    monkeypatch.setenv("REVIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    config = calibration_config(tmp_path, {**ALPHAEDIT, "model_name": str(tiny_model_dir)}, batched_z=True)
+    try:
+        # α small against the keys' K Kᵀ, so that the first point's keys in the second solve would halve its update
+        rows = calibrate(config, parse_grid(["L2=[0.001, 0.001]"]), 3, tmp_path / "out")
+    finally:
+        easyedit.disable_easyedit()
+    assert rows[1]["ppl"] != rows[0]["ppl"]
+    assert_same_point(rows[1], rows[2])
