@@ -270,14 +270,15 @@ def monitor_metrics(history: Sequence[Any], first_step: int, monitors: Sequence[
     return out
 
 
-def window_means(steps: Sequence[Any], after: int, upto: int) -> dict[str, float]:
-    """Each monitor metric's mean over the edit steps recorded (``[edits after the step, metrics]``) with
+def window_means(steps: Sequence[dict], after: int, upto: int) -> dict[str, float]:
+    """Each monitor metric's mean over the edit steps (``steps.jsonl`` rows: ``{"edits": n, metric: value…}``) with
     ``after < edits ≤ upto``: the steps since the previous row. A step without a metric does not count for it."""
     sums: dict[str, list[float]] = {}
-    for edits, metrics in steps:
-        if after < edits <= upto:
-            for k, v in metrics.items():
-                sums.setdefault(k, []).append(v)
+    for step in steps:
+        if after < step["edits"] <= upto:
+            for k, v in step.items():
+                if k != "edits":
+                    sums.setdefault(k, []).append(v)
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
@@ -539,7 +540,7 @@ def _state_problem(state: Any) -> Optional[str]:
         return "context_templates must map easyeditor modules (easyeditor.models.…) to templates"
     if not isinstance(state.get("pre_locality", {}), dict):
         return "pre_locality must be an object"
-    steps = state.get("monitor_steps", [])
+    steps = state.get("monitor_steps", [])  # written by checkpoints from before steps.jsonl; read once, to make it
     if not isinstance(steps, list) or not all(
             isinstance(s, list) and len(s) == 2 and isinstance(s[0], int) and isinstance(s[1], dict) for s in steps):
         return "monitor_steps must be a list of [edits, {metric: value}] pairs"
@@ -1041,6 +1042,8 @@ class Run:
         steps_path = self.run_dir / STEPS_FILE
         if steps_path.exists():  # a run with monitors: its edit steps after the checkpoint are logged again
             _keep_rows_upto(steps_path, read_rows(steps_path), done)
+        elif state.get("monitor_steps"):  # a checkpoint from before steps.jsonl kept the steps since its last row
+            _write_atomic(steps_path, "".join(json.dumps({"edits": e, **m}) + "\n" for e, m in state["monitor_steps"]))
         again = [r["edits"] for r in rows if r["edits"] > done]
         print(f"[revive] resuming {self.run_dir} at {done}/{self.config.edits} edits"
               + (f" (the rows at {again} edits, measured after the checkpoint, are measured again)" if again else ""))
@@ -1243,11 +1246,6 @@ class Run:
             clock["eval"] = time.perf_counter() - began
             self._record_resources(0, host, clock)
         extra = {k: state[k] for k in (*BASELINE_KEYS, STOPPED_AT_COLLAPSE) if k in state}
-        # Monitor metrics of each edit step since the last row ([edits, metrics]); in the checkpoint, so a resumed
-        # run averages the same steps into its next row as an uninterrupted one.
-        monitor_steps = None
-        if cfg.monitors:
-            monitor_steps = extra["monitor_steps"] = list(state.get("monitor_steps", []))
         target = cfg.edits if stop_after is None else min(cfg.edits, stop_after)
         if extra.get(STOPPED_AT_COLLAPSE) is not None:
             target = done
@@ -1262,13 +1260,13 @@ class Run:
                 if (done % cfg.eval_every == 0 or done == cfg.edits) and done not in evaluated:
                     began = time.perf_counter()
                     row = self._evaluate(done, model, tok, hp, cases, probe, monitor, state)
-                    if monitor_steps is not None:  # the mean over the edit steps since the previous row
-                        row.update(window_means(monitor_steps, max((e for e in evaluated if e < done), default=0), done))
+                    if cfg.monitors and steps_path.exists():  # the mean over the edit steps since the previous row
+                        # steps.jsonl is exact across kills (a resume trims it to its checkpoint), so it is the record
+                        row.update(window_means(read_rows(steps_path), max((e for e in evaluated if e < done),
+                                                                           default=0), done))
                     with metrics_path.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
                     evaluated.add(done)
-                    if monitor_steps is not None:
-                        monitor_steps[:] = [s for s in monitor_steps if s[0] > done]
                     clock["eval"] = time.perf_counter() - began
                     if cfg.stop_at_collapse and row.get("collapsed") and done:
                         extra[STOPPED_AT_COLLAPSE] = target = done
@@ -1288,9 +1286,8 @@ class Run:
                         editor.apply_algo(model, tok, group, hp, copy=False, return_orig_weights=False,
                                           keep_original_weight=False)
                     done += len(group)  # each call is atomic: interrupted calls are rolled back
-                    if monitor_steps is not None:
+                    if cfg.monitors:
                         step_metrics = monitor_metrics(host.history, first_step, cfg.monitors)
-                        monitor_steps.append([done, step_metrics])
                         with steps_path.open("a") as fh:
                             fh.write(json.dumps({"edits": done, **step_metrics}) + "\n")
                     bar.update(len(group))

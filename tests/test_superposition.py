@@ -3,6 +3,7 @@ rank-one link to Hu et al.'s P matrix, its memory (bound, refused steps, checkpo
 LLaMA checked against keys read off the model by hand, and the harness rows that carry it."""
 import json
 import math
+import shutil
 import types
 
 import pytest
@@ -423,7 +424,7 @@ def test_run_configs_take_monitors():
         RunConfig.from_dict({**base, "plugins": {"superposition": {}}})
     with pytest.raises(ValueError, match=r"monitors names plugin\(s\) \['nope'\] that are not installed"):
         harness.check_monitors(["nope"])
-    steps = [[1, {"a": 1.0}], [2, {"a": 3.0, "b": 5.0}], [3, {"a": 10.0}]]
+    steps = [{"edits": 1, "a": 1.0}, {"edits": 2, "a": 3.0, "b": 5.0}, {"edits": 3, "a": 10.0}]
     assert window_means(steps, 0, 2) == {"a": 2.0, "b": 5.0} and window_means(steps, 2, 4) == {"a": 10.0}
 
 
@@ -472,10 +473,25 @@ def test_harness_rows_hold_the_monitor_means_and_survive_ctrl_c(run_config, monk
     with pytest.raises(KeyboardInterrupt):
         run.execute()
     state = json.loads((run.run_dir / "checkpoint" / "state.json").read_text())
-    assert state["edits_done"] == 3 and [s[0] for s in state["monitor_steps"]] == [3]
+    assert state["edits_done"] == 3 and "monitor_steps" not in state  # steps.jsonl is the record
+    assert [s["edits"] for s in rows(run.run_dir, harness.STEPS_FILE)] == [1, 2, 3]
     assert (run.run_dir / "checkpoint" / "plugin-superposition.safetensors").exists()
     monkeypatch.setattr(easyedit, "_wrap_apply", original)
     easyedit.disable_easyedit()
+    # A checkpoint from before steps.jsonl kept the window's steps in its state: resuming it writes them out.
+    old_format = run.run_dir.with_name("sup-old-format")
+    shutil.copytree(run.run_dir, old_format)
+    kept = rows(old_format, harness.STEPS_FILE)[2]
+    (old_format / harness.STEPS_FILE).unlink()
+    state["monitor_steps"] = [[3, {k: v for k, v in kept.items() if k != "edits"}]]
+    (old_format / "checkpoint" / "state.json").write_text(json.dumps(state))
+    r3 = rows(Run.resume(old_format).execute())
+    easyedit.disable_easyedit()
+    assert [s["edits"] for s in rows(old_format, harness.STEPS_FILE)] == [3, 4]
+    assert {k for k in r3[2] if k.startswith("superposition/")} == {k for k in r1[2] if k.startswith("superposition/")}
+    for k in r1[2]:
+        if k.startswith("superposition/"):
+            assert r3[2][k] == pytest.approx(r1[2][k], rel=1e-4, abs=1e-6), k
     # as if a kill had come after a fourth step was logged but before any checkpoint held it: logged again
     with (run.run_dir / harness.STEPS_FILE).open("a") as fh:
         fh.write(json.dumps({"edits": 4, "superposition/keys": -1.0}) + "\n")
