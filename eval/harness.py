@@ -540,7 +540,7 @@ def _state_problem(state: Any) -> Optional[str]:
         return "context_templates must map easyeditor modules (easyeditor.models.…) to templates"
     if not isinstance(state.get("pre_locality", {}), dict):
         return "pre_locality must be an object"
-    steps = state.get("monitor_steps", [])  # written by checkpoints from before steps.jsonl; read once, to make it
+    steps = state.get("monitor_steps", [])  # checkpoints from before steps.jsonl: a resume writes them into it
     if not isinstance(steps, list) or not all(
             isinstance(s, list) and len(s) == 2 and isinstance(s[0], int) and isinstance(s[1], dict) for s in steps):
         return "monitor_steps must be a list of [edits, {metric: value}] pairs"
@@ -1043,7 +1043,7 @@ class Run:
         if steps_path.exists():  # a run with monitors: its edit steps after the checkpoint are logged again
             _keep_rows_upto(steps_path, read_rows(steps_path), done)
         elif state.get("monitor_steps"):  # a checkpoint from before steps.jsonl kept the steps since its last row
-            _write_atomic(steps_path, "".join(json.dumps({"edits": e, **m}) + "\n" for e, m in state["monitor_steps"]))
+            _keep_rows_upto(steps_path, [{"edits": e, **m} for e, m in state["monitor_steps"]], done)
         again = [r["edits"] for r in rows if r["edits"] > done]
         print(f"[revive] resuming {self.run_dir} at {done}/{self.config.edits} edits"
               + (f" (the rows at {again} edits, measured after the checkpoint, are measured again)" if again else ""))
