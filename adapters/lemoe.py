@@ -21,9 +21,16 @@ at the FFN of layer L (``mlp_module_tmp.format(layers[0])``), x its input at one
   (normalised), value = the expert e(a) trained on that fact's batch. A token routes to the expert of its
   nearest anchor if the cosine is above a threshold θ (``route_threshold``), else to no expert:
 
-      a*(x) = argmax_a cos(x, k_a),   G_e(x) = 1[e = e(a*(x)) and cos(x, k_{a*(x)}) ≥ θ]            (2)
+      a*(x) = argmax_{a : cos(x, k_a) ≥ θ_a} cos(x, k_a),   G_e(x) = 1[a*(x) exists and e = e(a*(x))]    (2)
 
-  (ties go to the newest anchor, so a fact edited again is answered by its latest expert). Since x is the
+  (ties go to the newest anchor, so a fact edited again is answered by its latest expert). The threshold of an
+  anchor is θ_a = max(θ, max_{t ∈ R} cos(t, k_a) + m) when a reference corpus R of ordinary text is set
+  (``reference_corpus``, its first ``reference_samples`` texts, margin m = ``route_margin`` > 0), else θ:
+  no token of R routes anywhere. Our choice, made after calibration on SmolLM2: some subjects' last tokens
+  have generic FFN inputs (low norm, near the direction that position 0 and tokens like " the" share), so
+  with one global θ = 0.7 about 8% of ordinary-text tokens routed to some expert and the perplexity of
+  ordinary text rose ×1.7 after one batch; centring the keys on the corpus mean did not separate them
+  (docs/calibration/README.md, "LEMoE"). Since x is the
   FFN's *input* and every expert adds to its *output*, no expert changes any query or anchor: the route of a
   token is the same when its expert is trained, after later experts are added and at inference (the
   consistency between training and inference that the paper's KV anchor routing is designed for), and an
@@ -52,6 +59,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -61,14 +69,18 @@ from torch import nn
 
 from revive_plugin import yamlio
 
-__all__ = ["ALG_NAME", "LEMoEAdaptor", "LEMoEHyperParams", "adaptor_of", "apply_lemoe_to_model", "attach_adaptor",
-           "detach_adaptor", "lemoe_state", "restore_lemoe_state", "route"]
+__all__ = ["ALG_NAME", "LEMoEAdaptor", "LEMoEHyperParams", "adaptor_of", "anchor_floors", "apply_lemoe_to_model",
+           "attach_adaptor", "detach_adaptor", "lemoe_state", "reference_inputs", "restore_lemoe_state", "route"]
+
+logger = logging.getLogger(__name__)
 
 ALG_NAME = "LEMoE"
 #: Name of the adaptor submodule on the wrapped FFN (its parameters are ``<ffn>.lemoe.experts.<i>.{U,V}``).
 ATTR = "lemoe"
 #: Keys of the editor state (checkpoint tensors).
 STATE_KEYS = ("lemoe.layer", "lemoe.anchors", "lemoe.owners", "lemoe.U", "lemoe.V")
+#: Optional state keys (a state written before they existed loads without them).
+OPTIONAL_STATE_KEYS = ("lemoe.floors",)
 
 
 @dataclass
@@ -83,7 +95,10 @@ class LEMoEHyperParams:
     mlp_module_tmp: str = "model.layers.{}.mlp"       # the FFN wrapped (its input is routed, its output added to)
     rewrite_module_tmp: str = "model.layers.{}.mlp.down_proj"  # watched by the harness; LEMoE leaves it as it is
     expert_rank: int = 32                             # r: width of each expert's hidden layer
-    route_threshold: float = 0.7                      # θ: cosine to the nearest anchor needed to route to its expert
+    route_threshold: float = 0.7                      # θ: cosine to an anchor needed to route to its expert
+    reference_corpus: Optional[str] = None            # R: ordinary text no token of which may route (None: θ only)
+    reference_samples: int = 300                      # texts of R used
+    route_margin: float = 0.02                        # m: an anchor's threshold is ≥ R's highest cosine with it + m
     scale: float = 1.0                                # λ in (1)
     num_steps: int = 40                               # Adam steps per editing batch (at most)
     lr: float = 1e-2
@@ -101,11 +116,11 @@ class LEMoEHyperParams:
         if not (isinstance(self.layers, (list, tuple)) and len(self.layers) == 1 and isinstance(self.layers[0], int)
                 and not isinstance(self.layers[0], bool)):
             raise ValueError(f"LEMoE: layers must name exactly one FFN layer, e.g. [6]; got {self.layers!r}")
-        for key in ("expert_rank", "num_steps"):
+        for key in ("expert_rank", "num_steps", "reference_samples"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LEMoE: {key} must be a positive integer, got {value!r}")
-        for key in ("route_threshold", "scale", "lr", "weight_decay", "stop_loss"):
+        for key in ("route_threshold", "scale", "lr", "weight_decay", "stop_loss", "route_margin"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"LEMoE: {key} must be a number, got {value!r}")
@@ -114,6 +129,11 @@ class LEMoEHyperParams:
             raise ValueError(f"LEMoE: route_threshold is a cosine in (-1, 1], got {self.route_threshold}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"LEMoE: lr must be > 0 and weight_decay ≥ 0, got {self.lr}, {self.weight_decay}")
+        if self.route_margin < 0:
+            raise ValueError(f"LEMoE: route_margin must be ≥ 0, got {self.route_margin}")
+        if self.reference_corpus is not None and not (isinstance(self.reference_corpus, str) and self.reference_corpus):
+            raise ValueError(f"LEMoE: reference_corpus names a corpus (me-ppl or a text/JSON file path) or is null, "
+                             f"got {self.reference_corpus!r}")
 
     @classmethod
     def from_hparams(cls, hparams_name_or_path: str) -> "LEMoEHyperParams":
@@ -127,7 +147,8 @@ class LEMoEHyperParams:
         if unknown:
             raise ValueError(f"{path}: unknown LEMoE setting(s) {unknown}; settings: {sorted(fields)}")
         for key, value in config.items():  # YAML reads 1e-2 as a string (like easyeditor's loader, convert it)
-            if isinstance(value, str) and key not in ("alg_name", "model_name", "mlp_module_tmp", "rewrite_module_tmp"):
+            if isinstance(value, str) and key not in ("alg_name", "model_name", "mlp_module_tmp", "rewrite_module_tmp",
+                                                      "reference_corpus"):
                 try:
                     config[key] = float(value)
                 except ValueError:
@@ -153,18 +174,24 @@ class LEMoEExpert(nn.Module):
         return F.linear(F.silu(F.linear(x, self.U)), self.V)
 
 
-def route(x: torch.Tensor, anchors: torch.Tensor, owners: torch.Tensor, threshold: float) -> torch.Tensor:
+def route(x: torch.Tensor, anchors: torch.Tensor, owners: torch.Tensor, threshold: float,
+          floors: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Equation (2): the expert each row of ``x`` (…, d) is routed to, or −1 for none.
 
-    ``anchors`` (A, d) are unit-norm keys, ``owners`` (A,) their experts; the nearest anchor by cosine decides,
-    ties going to the newest (highest index), and only at a cosine ≥ ``threshold``.
+    ``anchors`` (A, d) are unit-norm keys, ``owners`` (A,) their experts, ``floors`` (A,) the reference-corpus
+    part of their thresholds (θ_a = max(``threshold``, floor_a); None: θ for all). Among the anchors whose
+    cosine reaches their threshold the nearest decides, ties going to the newest (highest index).
     """
     if anchors.shape[0] == 0:
         return torch.full(x.shape[:-1], -1, dtype=torch.long, device=x.device)
     scores = F.normalize(x.detach().float(), dim=-1) @ anchors.float().T
+    thresholds = torch.full((anchors.shape[0],), float(threshold), device=scores.device)
+    if floors is not None:
+        thresholds = torch.maximum(thresholds, floors.to(scores.device, torch.float32))
+    scores = scores.masked_fill(scores < thresholds, float("-inf"))
     best, reversed_index = scores.flip(-1).max(-1)  # max returns the first maximum: the newest after the flip
     nearest = anchors.shape[0] - 1 - reversed_index
-    return torch.where(best >= threshold, owners[nearest], torch.full_like(nearest, -1))
+    return torch.where(best > float("-inf"), owners[nearest], torch.full_like(nearest, -1))
 
 
 class LEMoEAdaptor(nn.Module):
@@ -176,10 +203,12 @@ class LEMoEAdaptor(nn.Module):
         self.experts = nn.ModuleList()
         self.register_buffer("anchors", torch.zeros(0, hidden))
         self.register_buffer("owners", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("floors", torch.zeros(0))  # reference-corpus floor of each anchor's threshold
+        self.reference: Optional[tuple[tuple, torch.Tensor]] = None  # (key, unit FFN inputs of R): computed once
 
     def routes(self, x: torch.Tensor) -> torch.Tensor:
         """The expert of each token of ``x`` (the FFN's input), −1 for none."""
-        return route(x, self.anchors, self.owners, self.threshold)
+        return route(x, self.anchors, self.owners, self.threshold, self.floors)
 
     def delta(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """λ Σ_e G_e(x) E_e(x) for the FFN input ``x``, or None when no token is routed."""
@@ -199,20 +228,23 @@ class LEMoEAdaptor(nn.Module):
         added = self.delta(args[0])
         return output if added is None else output + added.to(output.dtype)
 
-    def add(self, keys: torch.Tensor, expert: LEMoEExpert) -> None:
-        """Append an expert and its anchors (unnormalised keys, one per fact)."""
+    def add(self, keys: torch.Tensor, expert: LEMoEExpert, floors: Optional[torch.Tensor] = None) -> None:
+        """Append an expert and its anchors (unnormalised keys, one per fact; ``floors``: see ``anchor_floors``)."""
         self.experts.append(expert)
         index = len(self.experts) - 1
         anchors = F.normalize(keys.detach().to(self.anchors.device, torch.float32), dim=-1)
+        if floors is None:
+            floors = torch.full((len(anchors),), -1.0)
         self.anchors = torch.cat([self.anchors, anchors])
         self.owners = torch.cat([self.owners, torch.full((len(anchors),), index, dtype=torch.long,
                                                          device=self.owners.device)])
+        self.floors = torch.cat([self.floors, floors.to(self.floors.device, torch.float32)])
 
     def drop_last(self, n_anchors: int) -> None:
         """Undo the last ``add`` (an interrupted or failed editing batch)."""
         del self.experts[len(self.experts) - 1]
-        self.anchors = self.anchors[: self.anchors.shape[0] - n_anchors].clone()
-        self.owners = self.owners[: self.owners.shape[0] - n_anchors].clone()
+        keep = self.anchors.shape[0] - n_anchors
+        self.anchors, self.owners, self.floors = (t[:keep].clone() for t in (self.anchors, self.owners, self.floors))
 
 
 # -- the adaptor in a model ----------------------------------------------------------------------------
@@ -336,6 +368,43 @@ def request_keys(model: nn.Module, tok: Any, requests: Sequence[Mapping[str, Any
     return torch.stack([x[i, j] for i, j in enumerate(where)]).float()
 
 
+def reference_inputs(model: nn.Module, tok: Any, hparams: LEMoEHyperParams, adaptor: LEMoEAdaptor,
+                     batch_size: int = 16, max_length: int = 128) -> torch.Tensor:
+    """Unit-norm FFN inputs of every token of the reference corpus R, (T, d); computed once per adaptor (the
+    experts add to the FFN's output, so they never change its input)."""
+    from revive_plugin.eval.tokenization import encode
+
+    from .stats import load_corpus
+
+    corpus = load_corpus(str(hparams.reference_corpus))
+    key = (corpus.fingerprint, hparams.reference_samples, hparams.ffn_name)
+    if adaptor.reference is not None and adaptor.reference[0] == key:
+        return adaptor.reference[1]
+    texts = list(corpus.texts[: hparams.reference_samples])
+    ffn = model.get_submodule(hparams.ffn_name)
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+    handle = ffn.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    rows = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            ids, mask = _pad([list(encode(tok, t))[:max_length] for t in texts[i: i + batch_size]], _pad_id(tok), device)
+            captured.clear()
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            rows.append(captured[0][mask.bool()].float())  # real tokens only, not padding
+    finally:
+        handle.remove()
+    inputs = F.normalize(torch.cat(rows), dim=-1)
+    adaptor.reference = (key, inputs)
+    return inputs
+
+
+def anchor_floors(keys: torch.Tensor, reference: torch.Tensor, margin: float) -> torch.Tensor:
+    """The reference part of each anchor's threshold: R's highest cosine with the key, plus the margin."""
+    return (reference.to(keys.device) @ F.normalize(keys.float(), dim=-1).T).max(0).values + margin
+
+
 def _training_batch(tok: Any, requests: Sequence[Mapping[str, Any]], device: Any):
     """(ids, mask, target mask) of prompt + target_new for every request, the loss read on the target tokens."""
     from revive_plugin.eval.scoring import tokenize_pair
@@ -404,11 +473,19 @@ def apply_lemoe_to_model(model: nn.Module, tok: Any, requests: Sequence[Mapping[
         model = copy_module.deepcopy(model)
     adaptor = attach_adaptor(model, hparams)
     keys = request_keys(model, tok, requests, hparams)
+    floors = None
+    if hparams.reference_corpus:
+        floors = anchor_floors(keys, reference_inputs(model, tok, hparams, adaptor), hparams.route_margin)
+        dead = [i for i, f in enumerate(floors.tolist()) if f > 1.0]
+        if dead:
+            logger.warning("LEMoE: %d of %d facts can never route to their expert (a token of the reference corpus "
+                           "%s is within cosine %.2f of their key): requests %s", len(dead), len(requests),
+                           hparams.reference_corpus, 1 - hparams.route_margin, dead[:10])
     weight = model.get_submodule(hparams.ffn_name)
-    reference = next(p for n, p in weight.named_parameters() if not n.startswith(f"{ATTR}."))
+    like = next(p for n, p in weight.named_parameters() if not n.startswith(f"{ATTR}."))
     generator = torch.Generator().manual_seed(int(hparams.seed) + len(adaptor.experts))
-    expert = LEMoEExpert(adaptor.hidden, adaptor.rank, generator, dtype=reference.dtype, device=reference.device)
-    adaptor.add(keys, expert)
+    expert = LEMoEExpert(adaptor.hidden, adaptor.rank, generator, dtype=like.dtype, device=like.device)
+    adaptor.add(keys, expert, floors)
     try:
         adaptor.last_losses = train_expert(model, tok, requests, expert, hparams)
     except BaseException:
@@ -442,6 +519,7 @@ def lemoe_state(model: nn.Module) -> dict[str, torch.Tensor]:
         "lemoe.owners": adaptor.owners.detach().cpu().clone(),
         "lemoe.U": torch.stack([e.U.detach().cpu() for e in adaptor.experts]),
         "lemoe.V": torch.stack([e.V.detach().cpu() for e in adaptor.experts]),
+        "lemoe.floors": adaptor.floors.detach().cpu().clone(),
     }
 
 
@@ -456,10 +534,15 @@ def restore_lemoe_state(model: nn.Module, hparams: LEMoEHyperParams, state: Mapp
     if not state:
         detach_adaptor(model)
         return
-    missing, unknown = sorted(set(STATE_KEYS) - set(state)), sorted(set(state) - set(STATE_KEYS))
+    missing = sorted(set(STATE_KEYS) - set(state))
+    unknown = sorted(set(state) - set(STATE_KEYS) - set(OPTIONAL_STATE_KEYS))
     if missing or unknown:
-        raise ValueError(f"LEMoE state: missing {missing}, unknown {unknown} (expected {list(STATE_KEYS)})")
+        raise ValueError(f"LEMoE state: missing {missing}, unknown {unknown} (expected {list(STATE_KEYS)}, "
+                         f"optionally {list(OPTIONAL_STATE_KEYS)})")
     layer, anchors, owners, U, V = (state[k] for k in STATE_KEYS)
+    floors = state.get("lemoe.floors")
+    if floors is None:  # written before per-anchor floors: θ alone, as then
+        floors = torch.full((anchors.shape[0],), -1.0)
     ffn = model.get_submodule(hparams.ffn_name)
     hidden = int(getattr(model.config, "hidden_size", 0) or ffn_input_size(ffn))
     n, r = int(U.shape[0]) if U.ndim == 3 else -1, hparams.expert_rank
@@ -473,6 +556,8 @@ def restore_lemoe_state(model: nn.Module, hparams: LEMoEHyperParams, state: Mapp
         problems.append(f"anchors {tuple(anchors.shape)} with owners {tuple(owners.shape)}; need (A, {hidden}) / (A,)")
     elif owners.numel() and (owners.dtype != torch.long or int(owners.min()) < 0 or int(owners.max()) >= n):
         problems.append(f"anchor owners must be expert indices in [0, {n})")
+    if anchors.ndim == 2 and tuple(floors.shape) != (anchors.shape[0],):
+        problems.append(f"anchor floors {tuple(floors.shape)}; need ({anchors.shape[0]},)")
     if problems:
         raise ValueError("LEMoE state does not fit: " + "; ".join(problems))
     detach_adaptor(model)
@@ -487,3 +572,4 @@ def restore_lemoe_state(model: nn.Module, hparams: LEMoEHyperParams, state: Mapp
         adaptor.experts.append(expert)
     adaptor.anchors = anchors.to(adaptor.anchors.device, torch.float32).clone()
     adaptor.owners = owners.to(adaptor.owners.device).clone()
+    adaptor.floors = floors.to(adaptor.floors.device, torch.float32).clone()

@@ -76,6 +76,8 @@ def test_lemoe_is_an_easyeditor_editor_that_adds_modules(tmp_path, tiny_model_di
     assert shipped.layers == [6] and shipped.lr == 0.01
     with pytest.raises(ValueError, match="exactly one FFN layer"):
         lemoe.LEMoEHyperParams(alg_name="LEMoE", model_name="m", layers=[0, 1])
+    with pytest.raises(ValueError, match="route_margin must be ≥ 0"):
+        lemoe.LEMoEHyperParams(alg_name="LEMoE", model_name="m", layers=[0], route_margin=-0.1)
     with pytest.raises(ValueError, match="unknown LEMoE setting"):
         lemoe.LEMoEHyperParams.from_hparams(str(write_hparams(tmp_path, tiny_model_dir, v_lr=0.5)))
 
@@ -99,6 +101,42 @@ def test_routing_sends_an_edited_facts_prompts_to_its_expert_and_unrelated_promp
     for text in UNRELATED:
         assert (adaptor.routes(ffn_input(model, tok, text)) == -1).all(), text
         assert torch.equal(logits(model, tok, text), before[text])  # no route: exactly the unedited model
+
+
+def test_an_anchor_whose_threshold_a_token_misses_leaves_it_to_the_next_nearest_anchor():
+    anchors = torch.eye(3)[:2]                      # anchor 0 = e0 (expert 0), anchor 1 = e1 (expert 1)
+    owners = torch.tensor([0, 1])
+    x = torch.tensor([[0.9, 0.6, 0.0], [0.1, 0.0, 1.0]])  # nearest to anchor 0 (cos 0.83, 0.55); far from both
+    assert lemoe.route(x, anchors, owners, 0.5).tolist() == [0, -1]
+    assert lemoe.route(x, anchors, owners, 0.5, torch.tensor([0.9, -1.0])).tolist() == [1, -1]  # anchor 0 raised
+    assert lemoe.route(x, anchors, owners, 0.5, torch.tensor([0.9, 0.6])).tolist() == [-1, -1]
+    assert lemoe.route(x, anchors, owners, 0.9, torch.tensor([-1.0, -1.0])).tolist() == [-1, -1]  # θ still counts
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_no_token_of_the_reference_corpus_routes_and_edited_prompts_still_do(
+        tmp_path, enabled, tiny_model_dir, with_reference):
+    """θ so low that every token would route: the reference corpus's floors keep its texts (here the unrelated
+    prompts) away from the expert, token for token, while the edited fact's subject still reaches it. Without
+    the corpus the same texts are routed: the floors do the work."""
+    corpus = tmp_path / "reference.txt"
+    corpus.write_text("\n".join(UNRELATED) + "\n")
+    extra = {"reference_corpus": str(corpus)} if with_reference else {}
+    editor, hp = editor_for(tmp_path, tiny_model_dir, route_threshold=-0.99, **extra)
+    model, tok = editor.model, editor.tok
+    before = {t: logits(model, tok, t) for t in UNRELATED}
+    editor.apply_algo(model, tok, [DARRIEUX], hp)
+    adaptor = lemoe.adaptor_of(model)[1]
+    routed = [bool((adaptor.routes(ffn_input(model, tok, t)) >= 0).any()) for t in UNRELATED]
+    if with_reference:
+        assert adaptor.floors.shape == (1,) and -0.99 < float(adaptor.floors[0]) < 1.0
+        assert routed == [False] * len(UNRELATED)
+        assert all(torch.equal(logits(model, tok, t), before[t]) for t in UNRELATED)
+    else:
+        assert adaptor.floors.tolist() == [-1.0] and all(routed)
+    text = DARRIEUX["prompt"]
+    tokens = tok.convert_ids_to_tokens(tok(text)["input_ids"])
+    assert 0 in {e for t, e in zip(tokens, adaptor.routes(ffn_input(model, tok, text)).tolist()) if t == "ux"}
 
 
 def test_an_edit_whose_prediction_is_routed_gets_its_target(tmp_path, enabled, tiny_model_dir):
@@ -157,6 +195,7 @@ def test_the_state_goes_into_a_fresh_model_and_a_mismatch_is_refused(tmp_path, e
     editor.apply_algo(editor.model, editor.tok, [DARRIEUX, FRANCE], hp)
     state = easyedit.editor_state("LEMoE", editor.model)
     assert state["lemoe.U"].shape == (1, 8, 32) and state["lemoe.anchors"].shape == (2, 32)
+    assert state["lemoe.floors"].tolist() == [-1.0, -1.0]  # no reference corpus: θ alone
     fresh, tok = load_model(tiny_model_dir)
     for wrong, match in (({**vars(hp), "expert_rank": 4}, "experts U"), ({**vars(hp), "layers": [1]}, "layer")):
         with pytest.raises(ValueError, match=match):
@@ -167,6 +206,11 @@ def test_the_state_goes_into_a_fresh_model_and_a_mismatch_is_refused(tmp_path, e
         torch.testing.assert_close(logits(fresh, tok, text), logits(editor.model, tok, text), rtol=0, atol=0)
     easyedit.restore_editor_state("LEMoE", {}, model=fresh, hparams=hp)  # the state of a run before its first edit
     assert lemoe.adaptor_of(fresh) is None
+    older = {k: v for k, v in state.items() if k != "lemoe.floors"}  # a checkpoint from before per-anchor floors
+    easyedit.restore_editor_state("LEMoE", older, model=fresh, hparams=hp)
+    assert lemoe.adaptor_of(fresh)[1].floors.tolist() == [-1.0, -1.0] == state["lemoe.floors"].tolist()
+    for _, text, _ in OWN_PROMPTS:
+        torch.testing.assert_close(logits(fresh, tok, text), logits(editor.model, tok, text), rtol=0, atol=0)
 
 
 def test_plugin_blocks_are_passed_through_with_a_warning(tmp_path, enabled, tiny_model_dir):
