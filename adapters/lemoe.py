@@ -70,7 +70,7 @@ from torch import nn
 from revive_plugin import yamlio
 
 __all__ = ["ALG_NAME", "LEMoEAdaptor", "LEMoEHyperParams", "adaptor_of", "anchor_floors", "apply_lemoe_to_model",
-           "attach_adaptor", "detach_adaptor", "lemoe_state", "reference_inputs", "restore_lemoe_state", "route"]
+           "attach_adaptor", "detach_adaptor", "lemoe_state", "reference_inputs", "restore_lemoe_state", "route", "token_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -368,20 +368,26 @@ def request_keys(model: nn.Module, tok: Any, requests: Sequence[Mapping[str, Any
     return torch.stack([x[i, j] for i, j in enumerate(where)]).float()
 
 
-def reference_inputs(model: nn.Module, tok: Any, hparams: LEMoEHyperParams, adaptor: LEMoEAdaptor,
-                     batch_size: int = 16, max_length: int = 128) -> torch.Tensor:
+def reference_inputs(model: nn.Module, tok: Any, hparams: LEMoEHyperParams, adaptor: LEMoEAdaptor) -> torch.Tensor:
     """Unit-norm FFN inputs of every token of the reference corpus R, (T, d); computed once per adaptor (the
     experts add to the FFN's output, so they never change its input)."""
-    from revive_plugin.eval.tokenization import encode
-
     from .stats import load_corpus
 
     corpus = load_corpus(str(hparams.reference_corpus))
     key = (corpus.fingerprint, hparams.reference_samples, hparams.ffn_name)
-    if adaptor.reference is not None and adaptor.reference[0] == key:
-        return adaptor.reference[1]
-    texts = list(corpus.texts[: hparams.reference_samples])
-    ffn = model.get_submodule(hparams.ffn_name)
+    if adaptor.reference is None or adaptor.reference[0] != key:
+        texts = list(corpus.texts[: hparams.reference_samples])
+        adaptor.reference = (key, token_inputs(model, tok, hparams.ffn_name, texts))
+    return adaptor.reference[1]
+
+
+def token_inputs(model: nn.Module, tok: Any, ffn_name: str, texts: Sequence[str], batch_size: int = 16,
+                 max_length: int = 128) -> torch.Tensor:
+    """Unit-norm inputs of the FFN ``ffn_name`` at every real token of ``texts`` (each cut to ``max_length``
+    tokens), (T, d)."""
+    from revive_plugin.eval.tokenization import encode
+
+    ffn = model.get_submodule(ffn_name)
     device = next(model.parameters()).device
     captured: list[torch.Tensor] = []
     handle = ffn.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
@@ -395,9 +401,7 @@ def reference_inputs(model: nn.Module, tok: Any, hparams: LEMoEHyperParams, adap
             rows.append(captured[0][mask.bool()].float())  # real tokens only, not padding
     finally:
         handle.remove()
-    inputs = F.normalize(torch.cat(rows), dim=-1)
-    adaptor.reference = (key, inputs)
-    return inputs
+    return F.normalize(torch.cat(rows), dim=-1)
 
 
 def anchor_floors(keys: torch.Tensor, reference: torch.Tensor, margin: float) -> torch.Tensor:
