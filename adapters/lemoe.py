@@ -382,9 +382,9 @@ def reference_inputs(model: nn.Module, tok: Any, hparams: LEMoEHyperParams, adap
 
 
 def token_inputs(model: nn.Module, tok: Any, ffn_name: str, texts: Sequence[str], batch_size: int = 16,
-                 max_length: int = 128) -> torch.Tensor:
-    """Unit-norm inputs of the FFN ``ffn_name`` at every real token of ``texts`` (each cut to ``max_length``
-    tokens), (T, d)."""
+                 max_length: int = 128, unit: bool = True) -> torch.Tensor:
+    """Inputs of the FFN ``ffn_name`` at every real token of ``texts`` (each cut to ``max_length`` tokens), (T, d);
+    unit-norm unless ``unit`` is false."""
     from revive_plugin.eval.tokenization import encode
 
     ffn = model.get_submodule(ffn_name)
@@ -401,7 +401,8 @@ def token_inputs(model: nn.Module, tok: Any, ffn_name: str, texts: Sequence[str]
             rows.append(captured[0][mask.bool()].float())  # real tokens only, not padding
     finally:
         handle.remove()
-    return F.normalize(torch.cat(rows), dim=-1)
+    inputs = torch.cat(rows)
+    return F.normalize(inputs, dim=-1) if unit else inputs
 
 
 def anchor_floors(keys: torch.Tensor, reference: torch.Tensor, margin: float) -> torch.Tensor:

@@ -10,6 +10,9 @@ each anchor's threshold raised above its highest cosine with the reference corpu
 * paraphrases: the share of the records' first two paraphrase prompts whose subject token routes to the
   record's own anchor.
 
+A third variant, θ alone with keys and tokens centred on the reference corpus's mean FFN input (so that the
+direction all hidden states share does not make unrelated tokens look alike), is the alternative that was tried.
+
     python scripts/lemoe_routing.py --data ../shared/data/counterfact/counterfact.json.gz \
         --output docs/calibration/lemoe-floors/routing.md
 """
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from revive_plugin.adapters.lemoe import (LEMoEAdaptor, LEMoEHyperParams, anchor_floors, reference_inputs,
                                           request_keys, route, token_inputs)
 from revive_plugin.adapters.models import load_model
+from revive_plugin.adapters.stats import load_corpus
 from revive_plugin.eval.calibrate import heldout_cases
 from revive_plugin.eval.harness import RunConfig
 from revive_plugin.eval.perplexity import load_sentences
@@ -49,26 +53,33 @@ def main() -> None:
     model, tok = load_model(hparams.model_name)
     torch.set_grad_enabled(False)
     keys = request_keys(model, tok, [c.to_request() for c in cases], hparams)
-    anchors = F.normalize(keys, dim=-1)
     owners = torch.arange(len(cases))
     floors = anchor_floors(keys, reference_inputs(model, tok, hparams, LEMoEAdaptor(1, 1, 0.0, 1.0)),
                            hparams.route_margin)
     paraphrases = [{"prompt": p, "subject": c.subject} for c in cases for p in c.rephrase_prompts[:2]]
     paraphrase_keys = request_keys(model, tok, paraphrases, hparams)
     paraphrase_owner = torch.tensor([i for i, c in enumerate(cases) for _ in c.rephrase_prompts[:2]])
-    ordinary = token_inputs(model, tok, hparams.ffn_name, load_sentences())
-    neighbourhood = token_inputs(model, tok, hparams.ffn_name, [c.neighborhood_prompts[0] for c in cases])
+    ordinary = token_inputs(model, tok, hparams.ffn_name, load_sentences(), unit=False)
+    neighbourhood = token_inputs(model, tok, hparams.ffn_name, [c.neighborhood_prompts[0] for c in cases], unit=False)
+    corpus = load_corpus(str(hparams.reference_corpus))
+    mean = token_inputs(model, tok, hparams.ffn_name, list(corpus.texts[: hparams.reference_samples]),
+                        unit=False).mean(0)
 
+    variants = [("θ only", 0.0, None),
+                ("θ only, centred on the corpus mean", mean, None),
+                (f"θ and floors ({hparams.reference_corpus}, {hparams.reference_samples} texts, "
+                 f"m = {hparams.route_margin})", 0.0, floors)]
     rows = []
     for theta in args.thresholds:
-        for label, f in (("θ only", None), (f"θ and floors ({hparams.reference_corpus}, "
-                                              f"{hparams.reference_samples} texts, m = {hparams.route_margin})", floors)):
+        for label, centre, f in variants:
+            keys_c = F.normalize(keys - centre, dim=-1)
             rows.append({
                 "route_threshold": theta, "routing": label,
-                "ordinary tokens routed": float((route(ordinary, anchors, owners, theta, f) >= 0).float().mean()),
-                "neighbourhood tokens routed": float((route(neighbourhood, anchors, owners, theta, f) >= 0).float().mean()),
+                "ordinary tokens routed": float((route(ordinary - centre, keys_c, owners, theta, f) >= 0).float().mean()),
+                "neighbourhood tokens routed": float(
+                    (route(neighbourhood - centre, keys_c, owners, theta, f) >= 0).float().mean()),
                 "paraphrase subjects to own expert": float(
-                    (route(paraphrase_keys, anchors, owners, theta, f) == paraphrase_owner).float().mean()),
+                    (route(paraphrase_keys - centre, keys_c, owners, theta, f) == paraphrase_owner).float().mean()),
             })
     text = (f"# LEMoE routing on {len(cases)} held-out records ({hparams.ffn_name})\n\n"
             f"{ordinary.shape[0]} tokens of the shipped ME-PPL perplexity sentences, {neighbourhood.shape[0]} tokens of "
