@@ -81,6 +81,8 @@ ATTR = "lemoe"
 STATE_KEYS = ("lemoe.layer", "lemoe.anchors", "lemoe.owners", "lemoe.U", "lemoe.V")
 #: Optional state keys (a state written before they existed loads without them).
 OPTIONAL_STATE_KEYS = ("lemoe.floors",)
+#: The floor of an anchor without a reference corpus: below every cosine, so θ alone decides.
+NO_FLOOR = -1.0
 
 
 @dataclass
@@ -234,7 +236,7 @@ class LEMoEAdaptor(nn.Module):
         index = len(self.experts) - 1
         anchors = F.normalize(keys.detach().to(self.anchors.device, torch.float32), dim=-1)
         if floors is None:
-            floors = torch.full((len(anchors),), -1.0)
+            floors = torch.full((len(anchors),), NO_FLOOR)
         self.anchors = torch.cat([self.anchors, anchors])
         self.owners = torch.cat([self.owners, torch.full((len(anchors),), index, dtype=torch.long,
                                                          device=self.owners.device)])
@@ -547,7 +549,7 @@ def restore_lemoe_state(model: nn.Module, hparams: LEMoEHyperParams, state: Mapp
     layer, anchors, owners, U, V = (state[k] for k in STATE_KEYS)
     floors = state.get("lemoe.floors")
     if floors is None:  # written before per-anchor floors: θ alone, as then
-        floors = torch.full((anchors.shape[0],), -1.0)
+        floors = torch.full((anchors.shape[0],), NO_FLOOR)
     ffn = model.get_submodule(hparams.ffn_name)
     hidden = int(getattr(model.config, "hidden_size", 0) or ffn_input_size(ffn))
     n, r = int(U.shape[0]) if U.ndim == 3 else -1, hparams.expert_rank

@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from revive_plugin.adapters.lemoe import (LEMoEAdaptor, LEMoEHyperParams, anchor_floors, reference_inputs,
-                                          request_keys, route, token_inputs)
+from revive_plugin.adapters.lemoe import LEMoEHyperParams, anchor_floors, request_keys, route, token_inputs
 from revive_plugin.adapters.models import load_model
 from revive_plugin.adapters.stats import load_corpus
 from revive_plugin.eval.calibrate import heldout_cases
@@ -54,16 +53,15 @@ def main() -> None:
     torch.set_grad_enabled(False)
     keys = request_keys(model, tok, [c.to_request() for c in cases], hparams)
     owners = torch.arange(len(cases))
-    floors = anchor_floors(keys, reference_inputs(model, tok, hparams, LEMoEAdaptor(1, 1, 0.0, 1.0)),
-                           hparams.route_margin)
+    corpus = load_corpus(str(hparams.reference_corpus))  # read as the editor reads it (reference_inputs), once
+    reference = token_inputs(model, tok, hparams.ffn_name, list(corpus.texts[: hparams.reference_samples]), unit=False)
+    floors = anchor_floors(keys, F.normalize(reference, dim=-1), hparams.route_margin)
+    mean = reference.mean(0)
     paraphrases = [{"prompt": p, "subject": c.subject} for c in cases for p in c.rephrase_prompts[:2]]
     paraphrase_keys = request_keys(model, tok, paraphrases, hparams)
     paraphrase_owner = torch.tensor([i for i, c in enumerate(cases) for _ in c.rephrase_prompts[:2]])
     ordinary = token_inputs(model, tok, hparams.ffn_name, load_sentences(), unit=False)
     neighbourhood = token_inputs(model, tok, hparams.ffn_name, [c.neighborhood_prompts[0] for c in cases], unit=False)
-    corpus = load_corpus(str(hparams.reference_corpus))
-    mean = token_inputs(model, tok, hparams.ffn_name, list(corpus.texts[: hparams.reference_samples]),
-                        unit=False).mean(0)
 
     variants = [("θ only", 0.0, None),
                 ("θ only, centred on the corpus mean", mean, None),
