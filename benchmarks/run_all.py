@@ -3,7 +3,7 @@
 Each figure's measured result goes to ``docs/benchmarks/<figure>.json``; ``docs/benchmarks.md`` is rebuilt
 from all the result files present, so figures can be re-measured one at a time (``--only``).
 
-    python benchmarks/run_all.py [--only overhead,filter,eval,memory,edits,study,rome] [--quick]
+    python benchmarks/run_all.py [--only overhead,filter,eval,memory,edits,study,rome,parallel] [--quick]
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import edit_throughput
 import eval_throughput
 import filter_cost
 import long_run_memory
+import parallel_runs
 import rome_throughput
 import study_time
 from common import ROOT, machine
@@ -36,6 +37,7 @@ FIGURES = {
     "edits": ("5. Edit throughput: batched z optimisation", edit_throughput, {"requests": 4, "batch": 4, "z_steps": 4}),
     "study": ("6. Time of a 2,000-edit MEMIT run of the length study", study_time, {}),
     "rome": ("7. ROME edit time: batched z path for compute_v", rome_throughput, {"requests": 1}),
+    "parallel": ("8. Two study runs at once: FT and ROME", parallel_runs, {"pairs": "smollm2-ft:smollm2-ft-revive"}),
 }
 
 

@@ -20,7 +20,11 @@ its edits (``--resume``, with ``--edits`` when the study now asks more), skips f
 comparison group whose runs all have results to ``OUTPUT/compare-<group>/``. With ``stages`` the runs advance
 together: each run pauses at each stage (``revive eval --stop-after``) until every run has reached it, so
 partial results stay comparable — useful where two runs at once are slower than one after the other (on a
-2-core machine two single-threaded runs each ran 3.4× slower than one run with both threads). Every run is its own process
+2-core machine two single-threaded MEMIT runs each ran 3.4× slower than one run with both threads). A run may set its
+own ``parallel`` (``{config: ..., set: [...], parallel: 2}``): it then starts only beside runs that allow as many at
+once as will then run, with cores // its parallel threads — so FT's and ROME's small per-prompt steps can share the
+cores two at a time (``python benchmarks/run_all.py --only parallel`` measures whether that pays) while MEMIT's
+runs keep the machine to themselves. Every run is its own process
 (its log in ``RUN_DIR/eval.log``); SIGTERM or Ctrl-C to the study is passed on to the runs, which roll back
 their unfinished edit step and save a checkpoint, so the next ``revive study FILE`` picks up where this one
 stopped.
@@ -59,6 +63,7 @@ class StudyRun:
     config: str
     overrides: list[str]
     run_dir: Path
+    parallel: int = 1    # the most runs, this one included, that may run while it runs
 
     @property
     def target_edits(self) -> Optional[int]:
@@ -226,9 +231,7 @@ class Study:
         if not isinstance(runs_data, dict) or not runs_data:
             raise ValueError(f"{p}: 'runs' must map run names to {{config: NAME, set: [KEY=VALUE, ...]}}")
         out = Path(output or data.get("output") or f"runs/{data.get('name', p.stem)}")
-        parallel = data.get("parallel", 1)
-        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-            raise ValueError(f"{p}: parallel must be a positive integer, got {parallel!r}")
+        parallel = _positive(p, "parallel", data.get("parallel", 1))
         runs = {}
         for name, spec in runs_data.items():
             if isinstance(spec, dict) and set(spec) == {"from"}:
@@ -243,11 +246,12 @@ class Study:
                                      f"{name!r}; its runs: {sorted(other.runs)}")
                 runs[name] = other.runs[name]
                 continue
-            if not isinstance(spec, dict) or "config" not in spec or set(spec) - {"config", "set"}:
-                raise ValueError(f"{p}: run {name!r} must be {{config: NAME, set: [KEY=VALUE, ...]}} or "
-                                 f"{{from: STUDY}} (that study's run of the same name), got {spec!r}")
+            if not isinstance(spec, dict) or "config" not in spec or set(spec) - {"config", "set", "parallel"}:
+                raise ValueError(f"{p}: run {name!r} must be {{config: NAME, set: [KEY=VALUE, ...]}} (optionally "
+                                 f"with parallel: N) or {{from: STUDY}} (that study's run of the same name), got {spec!r}")
             overrides = [*common, *override_list(p, f"runs.{name}.set", spec.get("set"), root)]
-            runs[name] = StudyRun(name, spec["config"], overrides, out / name)
+            runs[name] = StudyRun(name, spec["config"], overrides, out / name,
+                                  _positive(p, f"runs.{name}.parallel", spec.get("parallel", parallel)))
         groups = data.get("compare") or {}
         for group, members in groups.items():
             missing = [m for m in members if m not in runs]
@@ -257,6 +261,12 @@ class Study:
 
     def status(self) -> str:
         return "\n".join(r.status_line() for r in self.runs.values())
+
+    def set_parallel(self, n: int) -> None:
+        """Every run at ``n`` at once (``revive study --parallel N``: the runs' own settings are overridden)."""
+        self.parallel = n
+        for r in self.runs.values():
+            r.parallel = n
 
     def write_comparisons(self) -> list[Path]:
         """Compare each group whose runs all have metrics; returns the comparison files written."""
@@ -268,8 +278,21 @@ class Study:
         return written
 
 
+def _positive(p: Path, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{p}: {key} must be a positive integer (runs at once), got {value!r}")
+    return value
+
+
 def _threads(parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // parallel)
+
+
+def fits_beside(run: StudyRun, running: Sequence[StudyRun]) -> bool:
+    """Whether ``run`` may start while ``running`` run: no more runs at once than any of them, ``run`` included,
+    allows (its ``parallel``)."""
+    n = len(running) + 1
+    return all(n <= r.parallel for r in (run, *running))
 
 
 def _tasks(study: Study, runs: Sequence[StudyRun]) -> list[tuple[StudyRun, Optional[int]]]:
@@ -297,12 +320,12 @@ def _reached(run: StudyRun, stage: Optional[int]) -> bool:
 
 
 def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 2.0) -> int:
-    """Run (or continue) the study's unfinished runs, ``study.parallel`` at a time; 0 when all finished."""
+    """Run (or continue) the study's unfinished runs, as many at a time as their ``parallel`` allows (each with
+    cores // its parallel threads), in task order; 0 when all finished."""
     selected = [study.runs[n] for n in (only or study.runs)]
     pending = [(r, stage) for r, stage in _tasks(study, selected) if not _reached(r, stage)]
     print(f"[study] {study.name}: {sum(r.finished() for r in selected)} of {len(selected)} runs finished")
     print(study.status(), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(_threads(study.parallel)), "PYTHONUNBUFFERED": "1"}
     running: dict[str, tuple[subprocess.Popen, Any, Optional[int]]] = {}
     failed: list[str] = []
     stopping = False
@@ -315,15 +338,17 @@ def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 2.0)
 
     with stop_signals(stop):
         while pending or running:
-            while not stopping and len(running) < study.parallel:
-                # The next task whose run is idle; a run's later stage waits for its earlier one.
+            while not stopping:
+                # The next task whose run is idle; a run's later stage waits for its earlier one, and a task that
+                # may not share the machine with what runs waits for it (no task overtakes it).
                 ready = next((t for t in pending if t[0].name not in running and t[0].name not in failed), None)
-                if ready is None:
+                if ready is None or not fits_beside(ready[0], [study.runs[n] for n in running]):
                     break
                 pending.remove(ready)
                 r, stage = ready
                 if _reached(r, stage):
                     continue
+                env = {**os.environ, "OMP_NUM_THREADS": str(_threads(r.parallel)), "PYTHONUNBUFFERED": "1"}
                 proc, log = r.launch(stage, env)
                 print(f"[study] {r.name}: {' '.join(proc.args[2:])} (log {r.run_dir / 'eval.log'})", flush=True)
                 running[r.name] = (proc, log, stage)

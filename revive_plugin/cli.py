@@ -227,7 +227,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--only names unknown run(s) {unknown}; the study's runs: {sorted(study.runs)}")
     if args.parallel:
-        study.parallel = args.parallel
+        study.set_parallel(args.parallel)
     return run_study(study, only=args.only or ())
 
 
@@ -485,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "  revive study length --status    # each run's progress")
     p.add_argument("study", help="study YAML (path or name in eval/studies, e.g. length)")
     p.add_argument("--only", nargs="+", metavar="RUN", help="run only these of the study's runs")
-    p.add_argument("--parallel", type=int, metavar="N", help="runs at once (default: the study file's)")
+    p.add_argument("--parallel", type=int, metavar="N", help="runs at once, for every run (default: the study file's, and each run's own parallel)")
     p.add_argument("--data-root", dest="data_root", metavar="DIR", help="replaces {data_root} in the runs' settings")
     p.add_argument("--output", metavar="DIR", help="the study's folder (default: the study file's output)")
     p.add_argument("--status", action="store_true", help="print each run's progress and exit")

@@ -183,3 +183,56 @@ def test_the_variants_study_switches_the_revive_variants_on():
     assert study.runs["memit-revive"].run_dir == length.runs["memit-revive"].run_dir
     got.pop("memit")
     assert got == {"in-loop": (True, False, 0.1), "in-solve": (False, True, 0.1), "in-loop-in-solve": (True, True, 0.1)}
+
+
+def test_runs_share_the_machine_only_as_their_own_parallel_allows(tmp_path, monkeypatch):
+    """Per-run ``parallel``: the FT-like runs (2) go two at once with half the threads each; a run that keeps the
+    machine to itself (the study's default 1) starts only when nothing runs and nothing starts beside it."""
+    import revive_plugin.eval.study as study_mod
+
+    spec = {"name": "p", "output": str(tmp_path / "out"), "parallel": 1,
+            "runs": {"alone": {"config": "x", "set": ["edits=2"]},
+                     "ft": {"config": "x", "set": ["edits=2"], "parallel": 2},
+                     "ft-revive": {"config": "x", "set": ["edits=2"], "parallel": 2},
+                     "memit": {"config": "x", "set": ["edits=2"]}}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    study = Study.load(path)
+    assert [r.parallel for r in study.runs.values()] == [1, 2, 2, 1]
+    done: set = set()
+    running: set = set()
+    launched = []
+
+    class FakeProcess:
+        """Ends at its second poll, its run then finished."""
+
+        def __init__(self, name):
+            self.name, self.polls, self.returncode, self.args = name, 0, None, ["py", "-m", name]
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            running.discard(self.name)
+            done.add(self.name)
+            self.returncode = 0
+            return 0
+
+    def launch(self, stage, env, *a, **k):
+        launched.append((self.name, env["OMP_NUM_THREADS"], sorted(running)))
+        running.add(self.name)
+        return FakeProcess(self.name), open(os.devnull, "w")
+
+    monkeypatch.setattr(study_mod.StudyRun, "launch", launch)
+    monkeypatch.setattr(study_mod, "_reached", lambda run, stage: run.name in done)
+    monkeypatch.setattr(study_mod.Study, "write_comparisons", lambda self: [])
+    monkeypatch.setattr(study_mod.os, "cpu_count", lambda: 2)
+    assert run_study(study, poll_seconds=0.01) == 0
+    assert launched == [("alone", "2", []), ("ft", "1", []), ("ft-revive", "1", ["ft"]), ("memit", "2", [])]
+    # --parallel N overrides every run's own setting.
+    study.set_parallel(1)
+    assert {r.parallel for r in study.runs.values()} == {1}
+    spec["runs"]["ft"]["parallel"] = 0
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=r"runs.ft.parallel must be a positive integer \(runs at once\), got 0"):
+        Study.load(path)
