@@ -33,10 +33,11 @@ bench-quick: install
 study: install
 	$(VENV)/bin/revive study length
 
-# Every study, one after another in this order (the issues' priorities; studies share runs, e.g. the length study's
-# MEMIT runs are the others' references): days on a CPU. Each sitting continues where the last one stopped; a study
-# that is stopped (SIGTERM, Ctrl-C) ends the chain with its checkpoint saved.
-STUDIES ?= length superposition baselines tau variants wilke
+# Every study, one after another in this order (the issues' priorities: the length study's own τ and variants runs
+# first, then the baselines and the lifelong-editing companions; studies share runs, e.g. the length study's MEMIT
+# runs are the others' references): days on a CPU. Each sitting continues where the last one stopped; a study that
+# is stopped (SIGTERM, Ctrl-C) ends the chain with its checkpoint saved.
+STUDIES ?= length tau variants baselines superposition wilke
 studies: install
 	@for s in $(STUDIES); do echo "[make] revive study $$s"; $(VENV)/bin/revive study $$s || exit $$?; done
 
