@@ -4,8 +4,8 @@ A study's ``parallel`` decides whether its runs share the machine. For MEMIT (ba
 products) two single-threaded runs at once were each 3.4× slower than one run with both threads, a loss. FT and
 ROME edit one prompt (or one fact's few prompts) per optimiser step: small matrix products that a second thread
 speeds up little, so two runs at once may get through more edits per hour. This figure measures it for pairs of
-shipped run configs, each run a real ``revive eval`` process on the embedded SmolLM2 with the study's threads
-setting (``OMP_NUM_THREADS``) and its evaluations cut to a minimum (the timing is the editor's, read from the
+shipped run configs, each run a real ``revive eval`` process on the embedded SmolLM2, started as a study starts it
+(``StudyRun.launch``, cores // parallel threads) with its evaluations cut to a minimum (the timing is the editor's, read from the
 run's own ``resources.jsonl``):
 
 * one after the other: each run alone with ``cores`` threads;
@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from common import ROOT, markdown_table, script_main
 
@@ -37,34 +36,27 @@ EDITS = {"ft": (8, 8), "rome": (3, 1)}
 MINIMAL_EVAL = ["glue.tasks=[]", "ppl=null", "fluency_prompts=0", "eval_facts=1", "eval_last_batch=false"]
 
 
-def _edits(config: str) -> tuple[int, int]:
-    return next((n for key, n in EDITS.items() if f"-{key}" in config), (4, 1))
+def _run(config: str, out: Path, parallel: int) -> Any:
+    """A study run of ``config`` into ``out`` with the least evaluation, sharing the machine with ``parallel`` − 1."""
+    from revive_plugin.eval.study import StudyRun
+
+    n, batch = next((x for key, x in EDITS.items() if f"-{key}" in config), (4, 1))
+    return StudyRun(out.name, config, [f"edits={n}", f"batch_size={batch}", f"eval_every={n}", *MINIMAL_EVAL], out,
+                    parallel)
 
 
-def _start(config: str, out: Path, threads: int) -> subprocess.Popen:
-    n, batch = _edits(config)
-    cmd = [sys.executable, "-m", "revive_plugin.cli", "eval", config, "--output", str(out), "--edits", str(n),
-           "--batch-size", str(batch), "--eval-every", str(n)]
-    for item in MINIMAL_EVAL:
-        cmd += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, stdout=(out.parent / f"{out.name}.log").open("w"), stderr=subprocess.STDOUT,
-                            env=env, cwd=ROOT)
-
-
-def _timed(runs: list[tuple[str, Path]], threads: int) -> tuple[float, list[dict]]:
-    """Start ``runs`` together; (wall seconds until all ended, each run's last resources.jsonl row)."""
+def _timed(runs: list[Any]) -> tuple[float, list[dict]]:
+    """Start ``runs`` together as the study does (its command, cores // parallel threads each); (wall seconds until
+    all ended, each run's last resources.jsonl row)."""
     began = time.perf_counter()
-    procs = [_start(config, out, threads) for config, out in runs]
-    for (config, out), proc in zip(runs, procs):
-        if proc.wait() != 0:
-            raise RuntimeError(f"revive eval {config} failed (exit {proc.returncode}); log: {out.parent / out.name}.log")
+    started = [(r, *r.launch(None, r.environment(), cwd=ROOT, tag="bench")) for r in runs]
+    for r, proc, log in started:
+        code = proc.wait()
+        log.close()
+        if code != 0:
+            raise RuntimeError(f"revive eval {r.config} failed (exit {code}); log: {r.run_dir / 'eval.log'}")
     wall = time.perf_counter() - began
-    rows = []
-    for _, out in runs:
-        last = (out / "resources.jsonl").read_text().splitlines()[-1]
-        rows.append(json.loads(last))
-    return wall, rows
+    return wall, [json.loads((r.run_dir / "resources.jsonl").read_text().splitlines()[-1]) for r in runs]
 
 
 def run(pairs: str = PAIRS) -> dict:
@@ -75,8 +67,8 @@ def run(pairs: str = PAIRS) -> dict:
             a, b = pair.split(":")
             base = Path(tmp) / pair.replace(":", "+")
             base.mkdir()
-            alone = [_timed([(c, base / f"alone-{i}")], cores) for i, c in enumerate((a, b))]
-            together_wall, together = _timed([(a, base / "at-once-0"), (b, base / "at-once-1")], max(1, cores // 2))
+            alone = [_timed([_run(c, base / f"alone-{i}", 1)]) for i, c in enumerate((a, b))]
+            together_wall, together = _timed([_run(a, base / "at-once-0", 2), _run(b, base / "at-once-1", 2)])
             runs = []
             for c, (wall, (row,)), shared in zip((a, b), alone, together):
                 runs.append({"config": c, "edits": row["edits_timed"],

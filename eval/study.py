@@ -5,7 +5,7 @@ each a run config plus ``--set`` overrides — and groups of runs to compare::
 
     name: length
     output: docs/results/length
-    parallel: 1                     # runs at once; each gets cores // parallel torch threads
+    parallel: 1                     # runs at once (a run's own parallel: overrides); cores // parallel threads each
     stages: [500, 1000, 2000]       # optional: take every run to 500 edits, then every run to 1000, …
     data_root: ../shared/data       # {data_root} in any override is replaced by this (or --data-root)
     runs:
@@ -109,6 +109,10 @@ class StudyRun:
         done, target = self.progress()
         return status_line(self.name, done, self.target_edits or target, self.state(), width)
 
+    def environment(self) -> dict:
+        """The environment its process gets in a study: cores // its ``parallel`` torch threads."""
+        return run_environment(_threads(self.parallel))
+
     def launch(self, stop_after: Optional[int], env: dict, cwd: Optional[Path] = None, tag: str = "study",
                die_with_parent: bool = False) -> tuple[subprocess.Popen, Any]:
         """Start :meth:`command` as a process logging to ``RUN_DIR/eval.log``; (process, open log).
@@ -207,7 +211,6 @@ class Study:
 
     name: str
     output: Path
-    parallel: int
     stages: list[int]
     runs: dict[str, StudyRun]
     compare: dict[str, list[str]]
@@ -257,14 +260,13 @@ class Study:
             missing = [m for m in members if m not in runs]
             if missing:
                 raise ValueError(f"{p}: compare group {group!r} names unknown run(s) {missing}; runs: {sorted(runs)}")
-        return cls(data.get("name", p.stem), out, parallel, stages, runs, groups)
+        return cls(data.get("name", p.stem), out, stages, runs, groups)
 
     def status(self) -> str:
         return "\n".join(r.status_line() for r in self.runs.values())
 
     def set_parallel(self, n: int) -> None:
         """Every run at ``n`` at once (``revive study --parallel N``: the runs' own settings are overridden)."""
-        self.parallel = n
         for r in self.runs.values():
             r.parallel = n
 
@@ -286,6 +288,12 @@ def _positive(p: Path, key: str, value: Any) -> int:
 
 def _threads(parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // parallel)
+
+
+def run_environment(threads: int, extra: Optional[dict] = None) -> dict:
+    """The environment of a run's process: this process's, then ``extra``, ``threads`` torch threads, unbuffered output
+    (so its log shows progress as it happens)."""
+    return {**os.environ, **(extra or {}), "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
 def fits_beside(run: StudyRun, running: Sequence[StudyRun]) -> bool:
@@ -348,8 +356,7 @@ def run_study(study: Study, only: Sequence[str] = (), poll_seconds: float = 2.0)
                 r, stage = ready
                 if _reached(r, stage):
                     continue
-                env = {**os.environ, "OMP_NUM_THREADS": str(_threads(r.parallel)), "PYTHONUNBUFFERED": "1"}
-                proc, log = r.launch(stage, env)
+                proc, log = r.launch(stage, r.environment())
                 print(f"[study] {r.name}: {' '.join(proc.args[2:])} (log {r.run_dir / 'eval.log'})", flush=True)
                 running[r.name] = (proc, log, stage)
             if (stopping or not any(t[0].name not in failed for t in pending)) and not running:

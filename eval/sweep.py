@@ -46,7 +46,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .study import StudyRun, find_spec, override_list, read_spec, status_line, stop_signals
+from .study import StudyRun, find_spec, override_list, read_spec, run_environment, status_line, stop_signals
 
 SWEEP_DIR = Path(__file__).resolve().parent / "sweeps"
 #: Environment variables the sweep hands to every run (a Ray worker does not inherit the shell of `revive sweep`).
@@ -190,8 +190,8 @@ def run_point(run: StudyRun, workdir: str, stop_after: Optional[int], threads: i
     try:
         if run.finished() or (stop_after is not None and run.reached(stop_after)):
             return _report(run, "skipped")
-        full_env = {**os.environ, **env, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        proc, log = run.launch(stop_after, full_env, cwd=_base(workdir), tag="sweep", die_with_parent=True)
+        proc, log = run.launch(stop_after, run_environment(threads, env), cwd=_base(workdir), tag="sweep",
+                               die_with_parent=True)
         while proc.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:  # ray.cancel: the sweep is stopping
