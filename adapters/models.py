@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -40,7 +42,7 @@ def embedded_gguf() -> Path:
 def embedded_model_dir(convert: bool = True) -> Path:
     """Directory of the fp32 safetensors copy of the embedded model, converting it on first use."""
     target = cache_dir() / "models" / EMBEDDED_NAME
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    if _converted(target):
         return target
     if not convert:
         raise FileNotFoundError(f"{target} does not exist yet; run `revive prepare-model`")
@@ -48,7 +50,8 @@ def embedded_model_dir(convert: bool = True) -> Path:
 
 
 def convert_embedded(target: Path) -> Path:
-    """Convert the GGUF to ``target`` (model.safetensors, config, rebuilt tokenizer); atomic via a temp dir."""
+    """Convert the GGUF to ``target`` (model.safetensors, config, rebuilt tokenizer); atomic via a temp dir of its
+    own, so that processes converting at once (a study's first runs on a fresh machine) never share one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     gguf = embedded_gguf()
@@ -75,16 +78,34 @@ def convert_embedded(target: Path) -> Path:
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.config._name_or_path = EMBEDDED_NAME
-    import shutil
-
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)  # a half-written conversion is never mistaken for a finished one
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        publish_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "model.safetensors").exists() and (target / "tokenizer.json").exists()
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Move the finished conversion ``tmp`` to ``target`` in one step, so a half-written one is never mistaken for
+    a finished one. When another process got there first, its copy is kept (``tmp`` is left for the caller to
+    remove): it may already be loading from it."""
+    if _converted(target):
+        return
+    if target.exists():  # an unfinished copy from an older version or a hand edit
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not _converted(target):  # not a lost race: a real failure
+            raise
 
 
 def resolve_model_path(name_or_path: str) -> Optional[Path]:
