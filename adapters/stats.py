@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .models import cache_dir
+from .models import cache_dir, save_cache_file
 
 SHIPPED_CORPORA = {"me-ppl": Path(__file__).parent / "data" / "ME-PPL_1k.json"}
 HUB_DATASETS = ("wikipedia", "wikitext")
@@ -112,7 +112,7 @@ def second_moments(
     model_id = model_id or model.config._name_or_path
     out: dict[str, torch.Tensor] = {}
     missing = []
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     for name in layer_names:
         path = stats_path(model_id, corpus, name, dtype, n_samples)
@@ -163,9 +163,7 @@ def second_moments(
             h.remove()
     for name in missing:
         mom2 = (sums[name] / count).cpu().contiguous()
-        path = stats_path(model_id, corpus, name, dtype, n_samples)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"mom2": mom2}, str(path), metadata={"count": str(count), "corpus": corpus.name,
-                                                       "fingerprint": corpus.fingerprint})
+        save_cache_file({"mom2": mom2}, stats_path(model_id, corpus, name, dtype, n_samples),
+                        metadata={"count": str(count), "corpus": corpus.name, "fingerprint": corpus.fingerprint})
         out[name] = mom2
     return out

@@ -83,9 +83,10 @@ def _reuse_target_vectors(store: Optional[Path] = None) -> Any:
     With ``store`` they are also kept on disk (safetensors named by a hash of that key), so a later
     calibration of the same batch — another λ, or REVIVE's chain on the same solve — skips the optimisation.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from revive_plugin.adapters import batched_z
+    from revive_plugin.adapters.models import save_cache_file
 
     original = batched_z.compute_zs
     memo: dict[str, list[torch.Tensor]] = {}
@@ -101,8 +102,7 @@ def _reuse_target_vectors(store: Optional[Path] = None) -> Any:
             else:
                 memo[key] = original(model, tok, requests, hparams, layer, templates, **kw)
                 if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    save_file({"zs": torch.stack(memo[key]).contiguous()}, str(path))
+                    save_cache_file({"zs": torch.stack(memo[key]).contiguous()}, path)
         return memo[key]
 
     batched_z.compute_zs = compute_zs

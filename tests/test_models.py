@@ -41,3 +41,18 @@ def test_publish_replaces_an_unfinished_copy(tmp_path):
 def test_publish_reports_a_real_failure(tmp_path):
     with pytest.raises(OSError):
         publish_dir(tmp_path / "missing", tmp_path / "m")
+
+
+def test_cache_file_is_written_whole_or_not_at_all(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from adapters.models import save_cache_file
+
+    path = tmp_path / "stats" / "layer.safetensors"
+    save_cache_file({"mom2": torch.eye(2)}, path, metadata={"count": "2"})
+    assert torch.equal(load_file(str(path))["mom2"], torch.eye(2))
+    with pytest.raises(ValueError):  # safetensors refuses a non-contiguous tensor mid-save
+        save_cache_file({"mom2": torch.ones(3, 2).T}, path)
+    assert torch.equal(load_file(str(path))["mom2"], torch.eye(2))  # the earlier entry is intact
+    assert [p.name for p in path.parent.iterdir()] == ["layer.safetensors"]  # no temp file left behind
