@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import os
 import tempfile
+import time
 import warnings
 import weakref
 from typing import Any, Callable, Collection, Iterator, Mapping, Optional
@@ -645,7 +646,12 @@ def _wrap_apply(alg: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
                         "effect on it; use a weight-editing method (ROME, MEMIT, FT, …) to apply REVIVE",
                         stacklevel=2,
                     )
-                return apply_fn(model, tok, requests, hparams, *args, **kwargs)
+                # no step to filter, but its run is editor time all the same (a run's edit_seconds)
+                started = time.perf_counter()
+                try:
+                    return apply_fn(model, tok, requests, hparams, *args, **kwargs)
+                finally:
+                    host_for(model).seconds["edit"] += time.perf_counter() - started
             # Plugin blocks checked against the weights this editor writes, before anything is computed.
             matrices = [t.name for t in target_weights(model, hparams) if t.tensor.ndim == 2]
             configs = host_for(model).validate(alg, configs, matrices)

@@ -211,9 +211,13 @@ def test_non_weight_editors_pass_through_with_a_clear_warning():
 
     wrapped = easyedit._wrap_apply("IKE", fake_ike)
     hp = types.SimpleNamespace(plugin_configs={"revive": {"tau": 0.1}})
+    model = torch.nn.Linear(2, 2)
     with pytest.warns(UserWarning, match="IKE does not write model weights.*revive"):
-        assert wrapped(None, None, "req", hp) == "icl examples"
+        assert wrapped(model, None, "req", hp) == "icl examples"
     assert calls == ["req"]
+    # no step to filter, yet its run is the run's editor time (resources.jsonl's edit_seconds)
+    host = easyedit.host_for(model)
+    assert host.seconds["edit"] > 0 and not host.history
 
 
 def test_gpt2_conv1d_weights_are_marked_transposed():

@@ -289,8 +289,11 @@ def test_the_hook_needs_its_block_and_says_what_it_chose():
     assert rec.metrics == pytest.approx({"wilke/layer": 1.0, "wilke/score/0": 0.2, "wilke/score/1": 0.1,
                                          "wilke/chose/0": 0.0, "wilke/chose/1": 1.0})
     assert rec.edit_seconds >= 0.1
+    assert host.seconds["edit"] == pytest.approx(rec.edit_seconds)  # the trials counted once, not twice
+    first = rec.edit_seconds
     _, rec = host.run_step("ROME", ts, lambda: None, configs=block)  # a step it did not choose for: nothing
     assert rec.metrics == {}
+    assert host.seconds["edit"] == pytest.approx(first + rec.edit_seconds)
 
 
 # -- real ROME edits on the tiny LLaMA ------------------------------------------------------------------
