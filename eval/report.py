@@ -181,18 +181,19 @@ def _warning_text(rows: Sequence[Row]) -> str:
     return f"{w.edits} edits: {w.describe()}" if w else "none"
 
 
-def _sections(first: str, labels: list[Any], rows: list[Row]) -> list[str]:
-    """The four tables (editing, general ability, spectral, protected subspace) over ``rows``."""
+def _sections(first: str, labels: list[Any], rows: list[Row], where: str = "") -> list[str]:
+    """The four tables (editing, general ability, spectral, protected subspace) over ``rows``; ``where`` is
+    appended to each table's title (e.g. " — at 1000 edits")."""
     out = []
     editing = _present(HEADLINE, rows)
     general = _present(GENERAL, rows) + _glue_keys(rows)
     for title, cols in (("Editing", editing), ("General ability: perplexity and GLUE probes", general),
                         ("Spectral monitors (mean over edited layers; σ_max growth: max over layers)",
                          _present(SPECTRAL, rows))):
-        out += [f"## {title}", "", markdown_table([first] + cols, [[lab] + [r.get(c) for c in cols]
+        out += [f"## {title}{where}", "", markdown_table([first] + cols, [[lab] + [r.get(c) for c in cols]
                                                           for lab, r in zip(labels, rows)]), ""]
     protected = _present(PROTECTED, rows)
-    out += ["## Protected-subspace monitors (mean over edited layers; delta_rel_max: max over layers)", ""]
+    out += ["## Protected-subspace monitors (mean over edited layers; delta_rel_max: max over layers)" + where, ""]
     if protected:
         out += [markdown_table([first] + protected,
                                [[lab] + [r.get(c) for c in protected] for lab, r in zip(labels, rows)]),
@@ -205,7 +206,7 @@ def _sections(first: str, labels: list[Any], rows: list[Row]) -> list[str]:
     superposition = _present(SUPERPOSITION, rows)
     if superposition:
         cols = superposition + _present(["ppl_rel", "collapsed"], rows)
-        out += ["## Knowledge superposition (mean over edited layers and over the edit steps since the previous row)",
+        out += ["## Knowledge superposition (mean over edited layers and over the edit steps since the previous row)" + where,
                 "", markdown_table([first] + [c.removeprefix("superposition/") for c in cols],
                            [[lab] + [r.get(c) for c in cols] for lab, r in zip(labels, rows)]), "",
                 "interference: RMS output change of a step at the keys of earlier edits over the change their own "
@@ -246,7 +247,9 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def compare(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
-    """One set of tables (final checkpoint of each run), collapse/warning/lead time per run, one set of figures."""
+    """Collapse/warning/lead time per run, the tables at each run's last checkpoint — first at the last checkpoint
+    every run reached when the runs stop at different points (a 2,000-edit reference beside 1,000-edit runs is
+    compared at 1,000) — and one set of figures."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     series: dict[str, list[Row]] = {}
@@ -261,12 +264,25 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     finals = [series[lab][-1] for lab in labels]
     warn = [[lab, final["edits"], _collapse_text(series[lab]), _warning_text(series[lab]),
              lead_time(series[lab]).description] for lab, final in zip(labels, finals)]
-    lines = ["# Comparison (last checkpoint of each run)", "",
+    lines = ["# Comparison", "",
              "## Collapse and early warning", "",
              markdown_table(["run", "edits", "collapse point", "early warning", "lead time"], warn), "",
              "Collapse: first checkpoint with " + "; ".join(sorted({_rule_text(r)['collapse'] for r in ratios.values()}))
              + f". Early warning: {_rule_text(2.0)['warning']}.", ""]
-    lines += _sections("run", labels, finals)
+    ends = [final["edits"] for final in finals]
+    shared = set.intersection(*({r["edits"] for r in series[lab]} for lab in labels)) - {0}
+    if len(set(ends)) > 1 and shared and max(shared) < max(ends):
+        n = max(shared)
+        lines += [f"The runs stop at different points ({', '.join(f'{lab}: {e}' for lab, e in zip(labels, ends))} "
+                  f"edits): the tables compare them first at {n} edits, the last checkpoint every run reached, then "
+                  "at each run's last checkpoint.", ""]
+        lines += _sections("run", labels, [next(r for r in series[lab] if r["edits"] == n) for lab in labels],
+                           where=f" — at {n} edits")
+        lines += _sections("run (edits)", [f"{lab} ({e})" for lab, e in zip(labels, ends)], finals,
+                           where=" — last checkpoint of each run")
+    else:
+        lines += _sections("run", labels, finals, where=f" — at {ends[0]} edits" if len(set(ends)) == 1 else
+                           " — last checkpoint of each run")
     text = "\n".join(lines)
     (output / "compare.md").write_text(text)
     _figures(series, ratios, output, steps)

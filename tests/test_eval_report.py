@@ -218,6 +218,22 @@ def test_compare_marks_each_run(tmp_path, captured):
             assert not any(c == "C1" for _, _, c in vlines), title  # the run that never collapses has no marker
 
 
+def test_compare_puts_runs_of_different_lengths_side_by_side_at_their_last_shared_checkpoint(tmp_path):
+    long = synthetic_run(tmp_path, "memit", collapse_at=60)       # 100 edits: the reference that went further
+    short = synthetic_run(tmp_path, "lemoe", collapse_at=None)
+    rows = (short / "metrics.jsonl").read_text().splitlines()
+    (short / "metrics.jsonl").write_text("\n".join(rows[:6]) + "\n")  # 0 … 50 edits
+    text = compare([long, short], tmp_path / "cmp").read_text()
+    assert "The runs stop at different points (memit: 100, lemoe: 50 edits)" in text
+    at, last = text.split("## Editing — at 50 edits")[1].split("## Editing — last checkpoint of each run")
+    # ppl_rel = 1 + (e/60)³ for memit: 1.5787 at 50 edits, 5.6296 at 100; lemoe's 1 + e/1000
+    assert "| memit | 31.5741 | 1.5787 | no |" in at and "| lemoe | 21.0000 | 1.0500 | no |" in at
+    assert "| memit (100) | 112.5926 | 5.6296 | yes |" in last and "| lemoe (50) | 21.0000 | 1.0500 | no |" in last
+    # runs of one length: one set of tables, at that length
+    same = compare([long, synthetic_run(tmp_path, "memit-revive", collapse_at=None)], tmp_path / "same").read_text()
+    assert "## Editing — at 100 edits" in same and "stop at different points" not in same
+
+
 def test_superposition_figure_per_edit_step_with_the_checkpoints_collapse(tmp_path, captured):
     a = synthetic_run(tmp_path, "rome", collapse_at=60)
     b = synthetic_run(tmp_path, "rome-revive", collapse_at=None)  # no steps.jsonl: no line, no figure of its own
