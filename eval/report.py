@@ -271,7 +271,7 @@ def compare(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
              + f". Early warning: {_rule_text(2.0)['warning']}.", ""]
     ends = [final["edits"] for final in finals]
     shared = set.intersection(*({r["edits"] for r in series[lab]} for lab in labels)) - {0}
-    if len(set(ends)) > 1 and shared and max(shared) < max(ends):
+    if len(set(ends)) > 1 and shared:  # every shared checkpoint is ≤ the shortest run's last, so < the longest's
         n = max(shared)
         lines += [f"The runs stop at different points ({', '.join(f'{lab}: {e}' for lab, e in zip(labels, ends))} "
                   f"edits): the tables compare them first at {n} edits, the last checkpoint every run reached, then "

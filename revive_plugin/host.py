@@ -481,10 +481,10 @@ class PluginHost:
         except BaseException:
             restore()
             raise
+        ran = time.perf_counter() - started
         # select_layers' trials are editor runs: in this step's edit_seconds; select_layers already added them to
-        # seconds["edit"] when it ran (so a refused step's trials still count there), hence not again below
-        selecting, self._selecting = self._selecting, 0.0
-        record.edit_seconds = time.perf_counter() - started + selecting
+        # seconds["edit"] when it ran (so a refused step's trials still count there), hence only ``ran`` below
+        record.edit_seconds, self._selecting = ran + self._selecting, 0.0
         started = time.perf_counter()
         try:
             finals: dict[str, torch.Tensor] = {}
@@ -531,7 +531,7 @@ class PluginHost:
                 raise EditRejected(f"edit step {self.step} of {editor} failed after the editor ran: {e}") from e
             raise
         record.transform_seconds = time.perf_counter() - started
-        self.seconds["edit"] += record.edit_seconds - selecting
+        self.seconds["edit"] += ran
         self.seconds["transform"] += record.transform_seconds
         self.step += 1
         self.history.append(record)
